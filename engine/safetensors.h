@@ -50,6 +50,10 @@ class SafetensorsFile {
 
  private:
   SafetensorsFile() = default;
+  // Validates the image [bytes, bytes + size) and fills tensors_/metadata_ with views into it.
+  // `name` (the path or a label) prefixes every error.
+  absl::Status ParseImage(const std::byte* bytes, size_t size, const std::string& name);
+
   void* map_ = nullptr;
   size_t map_size_ = 0;
   std::map<std::string, TensorView, std::less<>> tensors_;
@@ -70,6 +74,7 @@ class WeightSet {
   size_t total_bytes() const;
 
  private:
+  std::string dir_;  // for error messages
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
   std::map<std::string, const TensorView*, std::less<>> index_;
 };

@@ -37,6 +37,14 @@ class Tokenizer {
   virtual absl::StatusOr<std::string> Decode(std::span<const int32_t> ids,
                                              bool skip_special_tokens) const = 0;
 
+  // Decode without HF's clean_up_tokenization_spaces pass, and whether Decode applies it: the
+  // IncrementalDetokenizer streams that pass itself, since it can join text across tokens.
+  virtual absl::StatusOr<std::string> DecodeWithoutCleanUp(std::span<const int32_t> ids,
+                                                           bool skip_special_tokens) const {
+    return Decode(ids, skip_special_tokens);
+  }
+  virtual bool clean_up_tokenization_spaces() const { return false; }
+
   virtual int32_t vocab_size() const = 0;  // highest id + 1, added tokens included
   virtual bool IsSpecial(int32_t id) const = 0;
   virtual std::optional<int32_t> TokenToId(std::string_view token) const = 0;
@@ -59,11 +67,17 @@ class IncrementalDetokenizer {
   std::string Flush();
 
  private:
+  // Decodes the window and emits what completed (everything when `force`).
+  std::string Advance(bool force);
+  // Applies the tokenizer's clean-up pass to the stream, holding back what it could still change.
+  std::string EmitCleaned(std::string text, bool flush);
+
   const Tokenizer& tokenizer_;
   bool skip_special_;
   std::vector<int32_t> ids_;
   size_t prefix_offset_ = 0;
   size_t read_offset_ = 0;
+  std::string pending_;  // emitted-but-not-yet-cleaned text (clean-up tokenizers only)
 };
 
 }  // namespace tandem

@@ -1,0 +1,62 @@
+// The compute-backend interface: one forward pass of the model over a batch of sequence chunks,
+// reading and writing a paged KV store. Backends: cpu (here), cuda and hip (engine/backends/).
+// Backend-specific types never appear above this interface.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+
+#include "absl/status/statusor.h"
+#include "kvcache/block_pool.h"
+#include "kvcache/kv_store.h"
+
+namespace tandem {
+
+struct ModelWeights;
+
+// Tokens of one sequence to run in this step. tokens[i] sits at position start_pos + i; the
+// block table covers positions [0, start_pos + tokens.size()), and positions [0, start_pos)
+// already hold KV.
+struct SequenceChunk {
+  std::span<const int32_t> tokens;
+  int64_t start_pos = 0;
+  std::span<const BlockId> block_table;
+  bool want_logits = false;  // logits of the chunk's last token
+};
+
+struct ForwardBatch {
+  std::span<const SequenceChunk> chunks;
+  // Called after layer l's K/V of every chunk is in the store (layer-wise KV streaming).
+  const std::function<void(int32_t layer)>* on_layer_done = nullptr;
+};
+
+struct BackendOptions {
+  int num_threads = 0;  // cpu: 0 = one per hardware thread
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string_view name() const = 0;
+  virtual KvStore& kv_store() = 0;
+  // Runs the batch. `logits` receives vocab_size floats per chunk with want_logits, in chunk
+  // order. Preconditions (checked by the engine): token ids in vocabulary, tables cover the
+  // ranges, positions below the model's context length.
+  virtual absl::Status Forward(const ForwardBatch& batch, std::span<float> logits) = 0;
+};
+
+absl::StatusOr<std::unique_ptr<Backend>> CreateCpuBackend(const ModelWeights& model,
+                                                          const KvStoreLayout& kv_layout,
+                                                          const BackendOptions& options);
+
+// "cpu", "cuda" or "hip"; UNIMPLEMENTED naming the backend when it was not built in.
+absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(std::string_view kind,
+                                                       const ModelWeights& model,
+                                                       const KvStoreLayout& kv_layout,
+                                                       const BackendOptions& options);
+
+}  // namespace tandem

@@ -1,0 +1,627 @@
+// CUDA backend: the CPU backend's forward pass (engine/backends/cpu/cpu_backend.cc) on the GPU.
+// Residual stream and every non-GEMM op in fp32; GEMMs on cuBLAS with the weights in their
+// stored dtype (bf16/f16 tensor cores or fp32) and fp32 accumulation; KV in a DeviceKvStore.
+//
+// One Forward enqueues everything on one stream: per-step metadata goes up in a single copy from
+// pinned memory, logits come back at the end, and the call returns after the stream drained
+// (so the KV it wrote is visible to any later KvStore call).
+#include "engine/backends/cuda/cuda_backend.h"
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstring>
+#include <initializer_list>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "engine/backends/cuda/cuda_util.h"
+#include "engine/backends/cuda/device_kv_store.h"
+#include "engine/backends/cuda/kernels.h"
+#include "engine/model.h"
+
+namespace tandem {
+namespace {
+
+using cuda_internal::DeviceBuffer;
+using cuda_internal::PinnedBuffer;
+
+cudaDataType_t CudaType(DType t) {
+  switch (t) {
+    case DType::kBF16:
+      return CUDA_R_16BF;
+    case DType::kF16:
+      return CUDA_R_16F;
+    case DType::kF32:
+      break;
+  }
+  return CUDA_R_32F;
+}
+
+// A weight matrix [rows][cols] in device memory, row-major (the safetensors layout).
+struct DeviceMatrix {
+  DeviceBuffer buf;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  DType dtype = DType::kF32;
+};
+
+struct DeviceLayer {
+  DeviceMatrix qkv;      // [wq; wk; wv]
+  DeviceMatrix wo;
+  DeviceMatrix gate_up;  // [w_gate; w_up]
+  DeviceMatrix down;
+  DeviceBuffer attn_norm;  // fp32 vectors
+  DeviceBuffer mlp_norm;
+  DeviceBuffer qkv_bias;  // [bq; bk; bv], empty without bias
+  DeviceBuffer q_norm;    // empty without qk norm
+  DeviceBuffer k_norm;
+};
+
+// Stacks `parts` (same column count) along rows in `dtype`, converting on the host where a part
+// is stored in another dtype.
+absl::Status UploadMatrix(std::initializer_list<const TensorView*> parts, DType dtype,
+                          DeviceMatrix& out) {
+  const TensorView* first = *parts.begin();
+  if (first == nullptr || first->shape.size() != 2) {
+    return absl::InvalidArgumentError("expected a 2-D weight matrix");
+  }
+  out.rows = 0;
+  out.cols = first->shape[1];
+  out.dtype = dtype;
+  for (const TensorView* p : parts) {
+    if (p == nullptr || p->shape.size() != 2 || p->shape[1] != out.cols) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("weight ", p == nullptr ? first->name : p->name,
+                       " does not stack with ", first->name));
+    }
+    out.rows += p->shape[0];
+  }
+  const size_t esize = DTypeSize(dtype);
+  TANDEM_STATUS_RETURN_IF_ERROR(
+      out.buf.Reserve(static_cast<size_t>(out.rows * out.cols) * esize, first->name.c_str()));
+  std::vector<std::byte> converted;
+  size_t offset = 0;
+  for (const TensorView* p : parts) {
+    const size_t n = static_cast<size_t>(p->numel());
+    const void* src = p->data;
+    if (p->dtype != dtype) {
+      converted.resize(n * esize);
+      ConvertElements(p->dtype, p->data, dtype, converted.data(), n);
+      src = converted.data();
+    }
+    TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpy(out.buf.as<std::byte>() + offset, src, n * esize,
+                                           cudaMemcpyHostToDevice));
+    offset += n * esize;
+  }
+  return absl::OkStatus();
+}
+
+// Concatenates 1-D tensors into one fp32 device vector.
+absl::Status UploadVectorF32(std::initializer_list<const TensorView*> parts, DeviceBuffer& out) {
+  std::vector<float> host;
+  for (const TensorView* p : parts) {
+    const size_t at = host.size();
+    host.resize(at + static_cast<size_t>(p->numel()));
+    ToF32(p->dtype, p->data, host.data() + at, static_cast<size_t>(p->numel()));
+  }
+  TANDEM_STATUS_RETURN_IF_ERROR(out.Reserve(host.size() * sizeof(float), "norm/bias vector"));
+  TANDEM_CUDA_RETURN_IF_ERROR(
+      cudaMemcpy(out.get(), host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice));
+  return absl::OkStatus();
+}
+
+size_t AlignUp(size_t n, size_t a) { return (n + a - 1) / a * a; }
+
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend(const ModelConfig& cfg, const KvStoreLayout& layout, const CudaBackendOptions& opts)
+      : cfg_(cfg), layout_(layout), opts_(opts) {}
+  ~CudaBackend() override;
+
+  absl::Status Init(const ModelWeights& model, const std::vector<float>& inv_freq);
+
+  std::string_view name() const override { return "cuda"; }
+  KvStore& kv_store() override { return *store_; }
+  absl::Status Forward(const ForwardBatch& batch, std::span<float> logits) override;
+
+ private:
+  // Plans the step on the host (ids, positions, KV slots, attention tiles, block tables) and
+  // uploads it in one copy.
+  absl::Status PrepareStep(const ForwardBatch& batch, int64_t T);
+  absl::Status ReserveBuffers(int64_t T, int64_t n_logits);
+
+  // GEMM input for M rows against `w`.
+  gpu::ActOut ActFor(const DeviceMatrix& w, int64_t M) const {
+    const bool split = SplitFor(w);
+    return gpu::ActOut{act_.get(), w.dtype, split ? M * w.cols : 0};
+  }
+  bool SplitFor(const DeviceMatrix& w) const {
+    return opts_.activation_precision == GpuActivationPrecision::kSplit && w.dtype != DType::kF32;
+  }
+  // y[M][w.rows] (+ the lo half when split) = act[M][w.cols] . w^T
+  absl::StatusOr<gpu::FoldedIn> Gemm(const DeviceMatrix& w, int64_t M, float* y);
+
+  const ModelConfig cfg_;
+  const KvStoreLayout layout_;
+  const CudaBackendOptions opts_;
+  int sm_count_ = 1;
+
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+  cudaEvent_t kv_ready_ = nullptr;
+  std::unique_ptr<DeviceKvStore> store_;
+
+  DeviceMatrix embed_;
+  DeviceMatrix lm_head_own_;
+  const DeviceMatrix* lm_head_ = nullptr;  // &embed_ when tied and of the same dtype
+  DeviceBuffer final_norm_;
+  DeviceBuffer inv_freq_;
+  std::vector<DeviceLayer> layers_;
+
+  // Step plan (host, reused) and its device copy.
+  std::vector<int32_t> ids_, pos_, logit_rows_, tables_;
+  std::vector<int64_t> slots_;
+  std::vector<gpu::AttnChunk> chunks_;
+  std::vector<gpu::AttnTile> tiles_;
+  int32_t max_context_ = 0;
+  PinnedBuffer meta_host_;
+  DeviceBuffer meta_dev_;
+  const int32_t* d_ids_ = nullptr;
+  const int32_t* d_pos_ = nullptr;
+  const int32_t* d_logit_rows_ = nullptr;
+  const int32_t* d_tables_ = nullptr;
+  const int64_t* d_slots_ = nullptr;
+  const gpu::AttnChunk* d_chunks_ = nullptr;
+  const gpu::AttnTile* d_tiles_ = nullptr;
+
+  // Activations, grown on demand.
+  DeviceBuffer x_, act_, y_, q_, attn_, cos_sin_, part_o_, part_ml_, logits_;
+};
+
+CudaBackend::~CudaBackend() {
+  cudaSetDevice(opts_.device);
+  if (stream_ != nullptr) {
+    cudaStreamSynchronize(stream_);
+  }
+  if (cublas_ != nullptr) {
+    cublasDestroy(cublas_);
+  }
+  if (kv_ready_ != nullptr) {
+    cudaEventDestroy(kv_ready_);
+  }
+  if (stream_ != nullptr) {
+    cudaStreamDestroy(stream_);
+  }
+}
+
+absl::Status CudaBackend::Init(const ModelWeights& model, const std::vector<float>& inv_freq) {
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaSetDevice(opts_.device));
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&kv_ready_, cudaEventDisableTiming));
+  TANDEM_CUBLAS_RETURN_IF_ERROR(cublasCreate(&cublas_));
+  TANDEM_CUBLAS_RETURN_IF_ERROR(cublasSetStream(cublas_, stream_));
+  // fp32 GEMMs stay fp32 (no TF32): f32 checkpoints are the exact-reference case.
+  TANDEM_CUBLAS_RETURN_IF_ERROR(cublasSetMathMode(cublas_, CUBLAS_DEFAULT_MATH));
+  TANDEM_CUDA_RETURN_IF_ERROR(
+      cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, opts_.device));
+
+  auto store = DeviceKvStore::Create(layout_, opts_.device);
+  if (!store.ok()) {
+    return store.status();
+  }
+  store_ = std::move(*store);
+
+  // GEMM weights keep the dtype of each layer's q_proj (bf16, f16 or f32); a tensor stored in
+  // another dtype is converted to it. Norm weights and biases become fp32 vectors.
+  const DType wtype = model.layers.at(0).wq->dtype;
+  TANDEM_STATUS_RETURN_IF_ERROR(UploadMatrix({model.embed}, model.embed->dtype, embed_));
+  if (model.lm_head == model.embed && model.embed->dtype == wtype) {
+    lm_head_ = &embed_;
+  } else {
+    TANDEM_STATUS_RETURN_IF_ERROR(UploadMatrix({model.lm_head}, wtype, lm_head_own_));
+    lm_head_ = &lm_head_own_;
+  }
+  TANDEM_STATUS_RETURN_IF_ERROR(UploadVectorF32({model.final_norm}, final_norm_));
+  TANDEM_STATUS_RETURN_IF_ERROR(inv_freq_.Reserve(inv_freq.size() * sizeof(float), "inv_freq"));
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpy(inv_freq_.get(), inv_freq.data(),
+                                         inv_freq.size() * sizeof(float), cudaMemcpyHostToDevice));
+
+  layers_.resize(model.layers.size());
+  for (size_t l = 0; l < model.layers.size(); ++l) {
+    const LayerWeights& L = model.layers[l];
+    DeviceLayer& D = layers_[l];
+    TANDEM_STATUS_RETURN_IF_ERROR(UploadMatrix({L.wq, L.wk, L.wv}, wtype, D.qkv));
+    TANDEM_STATUS_RETURN_IF_ERROR(UploadMatrix({L.wo}, wtype, D.wo));
+    TANDEM_STATUS_RETURN_IF_ERROR(UploadMatrix({L.w_gate, L.w_up}, wtype, D.gate_up));
+    TANDEM_STATUS_RETURN_IF_ERROR(UploadMatrix({L.w_down}, wtype, D.down));
+    TANDEM_STATUS_RETURN_IF_ERROR(UploadVectorF32({L.attn_norm}, D.attn_norm));
+    TANDEM_STATUS_RETURN_IF_ERROR(UploadVectorF32({L.mlp_norm}, D.mlp_norm));
+    if (L.bq != nullptr || L.bk != nullptr || L.bv != nullptr) {
+      if (L.bq == nullptr || L.bk == nullptr || L.bv == nullptr) {
+        return absl::UnimplementedError("attention bias on only some of q/k/v");
+      }
+      TANDEM_STATUS_RETURN_IF_ERROR(UploadVectorF32({L.bq, L.bk, L.bv}, D.qkv_bias));
+    }
+    if (L.q_norm != nullptr) {
+      TANDEM_STATUS_RETURN_IF_ERROR(UploadVectorF32({L.q_norm}, D.q_norm));
+      TANDEM_STATUS_RETURN_IF_ERROR(UploadVectorF32({L.k_norm}, D.k_norm));
+    }
+  }
+  // A pageable-memory cudaMemcpy may return before its DMA lands, and stream_ does not order
+  // after the legacy stream.
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
+  return absl::OkStatus();
+}
+
+absl::StatusOr<gpu::FoldedIn> CudaBackend::Gemm(const DeviceMatrix& w, int64_t M, float* y) {
+  const bool split = SplitFor(w);
+  const int64_t rows = split ? 2 * M : M;
+  const float one = 1.0f;
+  const float zero = 0.0f;
+  const cudaDataType_t t = CudaType(w.dtype);
+  // Row-major y[rows][N] = act[rows][K] . w[N][K]^T is column-major y^T = w^T(op T) . act^T.
+  TANDEM_CUBLAS_RETURN_IF_ERROR(cublasGemmEx(
+      cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(w.rows), static_cast<int>(rows),
+      static_cast<int>(w.cols), &one, w.buf.get(), t, static_cast<int>(w.cols), act_.get(), t,
+      static_cast<int>(w.cols), &zero, y, CUDA_R_32F, static_cast<int>(w.rows),
+      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  return gpu::FoldedIn{y, split ? M * w.rows : 0};
+}
+
+absl::Status CudaBackend::PrepareStep(const ForwardBatch& batch, int64_t T) {
+  const int32_t bs = layout_.block_size;
+  const int32_t group = cfg_.num_heads / cfg_.num_kv_heads;
+  ids_.clear();
+  pos_.clear();
+  slots_.clear();
+  logit_rows_.clear();
+  tables_.clear();
+  chunks_.clear();
+  tiles_.clear();
+  max_context_ = 0;
+  int32_t row = 0;
+  for (size_t ci = 0; ci < batch.chunks.size(); ++ci) {
+    const SequenceChunk& c = batch.chunks[ci];
+    const int32_t n = static_cast<int32_t>(c.tokens.size());
+    const int32_t start = static_cast<int32_t>(c.start_pos);
+    const int32_t end = start + n;
+    const int32_t table_offset = static_cast<int32_t>(tables_.size());
+    const int64_t blocks = (static_cast<int64_t>(end) + bs - 1) / bs;
+    tables_.insert(tables_.end(), c.block_table.begin(), c.block_table.begin() + blocks);
+    chunks_.push_back(gpu::AttnChunk{row, n, start, table_offset});
+    for (int32_t i = 0; i < n; ++i) {
+      const int32_t p = start + i;
+      ids_.push_back(c.tokens[i]);
+      pos_.push_back(p);
+      slots_.push_back(static_cast<int64_t>(c.block_table[p / bs]) * bs + p % bs);
+    }
+    for (int32_t r = 0; r < n * group; r += gpu::kAttnTileRows) {
+      tiles_.push_back(gpu::AttnTile{static_cast<int32_t>(ci), r});
+    }
+    if (c.want_logits && n > 0) {
+      logit_rows_.push_back(row + n - 1);
+    }
+    max_context_ = std::max(max_context_, end);
+    row += n;
+  }
+
+  // One pinned image: sections aligned to 16 bytes.
+  size_t off = 0;
+  auto section = [&off](size_t bytes) {
+    const size_t at = off;
+    off = AlignUp(off + bytes, 16);
+    return at;
+  };
+  const size_t o_ids = section(ids_.size() * sizeof(int32_t));
+  const size_t o_pos = section(pos_.size() * sizeof(int32_t));
+  const size_t o_rows = section(logit_rows_.size() * sizeof(int32_t));
+  const size_t o_tables = section(tables_.size() * sizeof(int32_t));
+  const size_t o_slots = section(slots_.size() * sizeof(int64_t));
+  const size_t o_chunks = section(chunks_.size() * sizeof(gpu::AttnChunk));
+  const size_t o_tiles = section(tiles_.size() * sizeof(gpu::AttnTile));
+  TANDEM_STATUS_RETURN_IF_ERROR(meta_host_.Reserve(off, "step metadata (host)"));
+  TANDEM_STATUS_RETURN_IF_ERROR(meta_dev_.Reserve(off, "step metadata (device)"));
+  std::byte* h = meta_host_.bytes_ptr();
+  auto put = [h](size_t at, const auto& v) {
+    if (!v.empty()) {
+      std::memcpy(h + at, v.data(), v.size() * sizeof(v[0]));
+    }
+  };
+  put(o_ids, ids_);
+  put(o_pos, pos_);
+  put(o_rows, logit_rows_);
+  put(o_tables, tables_);
+  put(o_slots, slots_);
+  put(o_chunks, chunks_);
+  put(o_tiles, tiles_);
+  // The previous step's copy finished: Forward drains the stream before returning.
+  TANDEM_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(meta_dev_.get(), h, off, cudaMemcpyHostToDevice, stream_));
+  std::byte* d = meta_dev_.as<std::byte>();
+  d_ids_ = reinterpret_cast<const int32_t*>(d + o_ids);
+  d_pos_ = reinterpret_cast<const int32_t*>(d + o_pos);
+  d_logit_rows_ = reinterpret_cast<const int32_t*>(d + o_rows);
+  d_tables_ = reinterpret_cast<const int32_t*>(d + o_tables);
+  d_slots_ = reinterpret_cast<const int64_t*>(d + o_slots);
+  d_chunks_ = reinterpret_cast<const gpu::AttnChunk*>(d + o_chunks);
+  d_tiles_ = reinterpret_cast<const gpu::AttnTile*>(d + o_tiles);
+  (void)T;
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::ReserveBuffers(int64_t T, int64_t n_logits) {
+  const int64_t H = cfg_.hidden_size;
+  const int64_t q_dim = static_cast<int64_t>(cfg_.num_heads) * cfg_.head_dim;
+  const int64_t n_qkv = q_dim + 2 * static_cast<int64_t>(cfg_.num_kv_heads) * cfg_.head_dim;
+  const int64_t I = cfg_.intermediate_size;
+  const int64_t V = cfg_.vocab_size;
+  const size_t f = sizeof(float);
+  // Worst case over GEMM operands: 2 row sets (split) of up to 4-byte elements.
+  const size_t rows2 = 2 * static_cast<size_t>(T);
+  TANDEM_STATUS_RETURN_IF_ERROR(x_.Reserve(T * H * f, "residual"));
+  TANDEM_STATUS_RETURN_IF_ERROR(act_.Reserve(rows2 * std::max({H, q_dim, I}) * f, "gemm input"));
+  TANDEM_STATUS_RETURN_IF_ERROR(
+      y_.Reserve(rows2 * std::max({n_qkv, H, 2 * I}) * f, "gemm output"));
+  TANDEM_STATUS_RETURN_IF_ERROR(q_.Reserve(T * q_dim * f, "q"));
+  TANDEM_STATUS_RETURN_IF_ERROR(attn_.Reserve(T * q_dim * f, "attention output"));
+  TANDEM_STATUS_RETURN_IF_ERROR(cos_sin_.Reserve(T * cfg_.head_dim * f, "rope"));
+  if (n_logits > 0) {
+    TANDEM_STATUS_RETURN_IF_ERROR(
+        logits_.Reserve(2 * static_cast<size_t>(n_logits) * V * f, "logits"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Forward(const ForwardBatch& batch, std::span<float> logits) {
+  const int64_t H = cfg_.hidden_size;
+  const int32_t hd = cfg_.head_dim;
+  const int32_t nh = cfg_.num_heads;
+  const int32_t nkv = cfg_.num_kv_heads;
+  const int64_t q_dim = static_cast<int64_t>(nh) * hd;
+  const int64_t I = cfg_.intermediate_size;
+  const int64_t V = cfg_.vocab_size;
+  const float eps = cfg_.rms_norm_eps;
+
+  int64_t T = 0;
+  int64_t n_logits = 0;
+  for (const SequenceChunk& c : batch.chunks) {
+    const int64_t n = static_cast<int64_t>(c.tokens.size());
+    TANDEM_STATUS_RETURN_IF_ERROR(ValidateTokenRange(layout_, 0, c.block_table, c.start_pos, n));
+    if (c.start_pos + n > INT32_MAX) {
+      return absl::InvalidArgumentError("sequence position beyond 2^31");
+    }
+    for (const int32_t id : c.tokens) {
+      if (id < 0 || id >= V) {
+        return absl::InvalidArgumentError(absl::StrCat("token id ", id, " out of vocabulary"));
+      }
+    }
+    T += n;
+    n_logits += (c.want_logits && n > 0) ? 1 : 0;
+  }
+  if (static_cast<int64_t>(logits.size()) < n_logits * V) {
+    return absl::InvalidArgumentError("logits buffer too small");
+  }
+  if (T == 0) {
+    return absl::OkStatus();
+  }
+  if (T > INT32_MAX / 2) {
+    return absl::InvalidArgumentError("too many tokens in one step");
+  }
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaSetDevice(opts_.device));
+  TANDEM_STATUS_RETURN_IF_ERROR(ReserveBuffers(T, n_logits));
+  TANDEM_STATUS_RETURN_IF_ERROR(PrepareStep(batch, T));
+
+  // Split-K over the context when the (tile, kv head) grid cannot fill the GPU, keeping at
+  // least four 32-key tiles per split.
+  int32_t num_splits = 1;
+  {
+    const int64_t base_blocks = static_cast<int64_t>(tiles_.size()) * nkv;
+    const int64_t kv_tiles = (max_context_ + 31) / 32;
+    const int64_t target = 2 * static_cast<int64_t>(sm_count_);
+    const int32_t cap = std::min(opts_.max_attention_splits, gpu::kMaxAttnSplits);
+    if (cap > 1 && base_blocks < target && kv_tiles >= 8) {
+      const int64_t want = (target + base_blocks - 1) / base_blocks;
+      num_splits = static_cast<int32_t>(std::clamp<int64_t>(std::min(want, kv_tiles / 4), 1, cap));
+    }
+    if (num_splits > 1) {
+      const size_t rows = static_cast<size_t>(num_splits) * T * nh;
+      TANDEM_STATUS_RETURN_IF_ERROR(part_o_.Reserve(rows * hd * sizeof(float), "attn partials"));
+      TANDEM_STATUS_RETURN_IF_ERROR(part_ml_.Reserve(rows * 2 * sizeof(float), "attn partials"));
+    }
+  }
+
+  float* x = x_.as<float>();
+  float* y = y_.as<float>();
+  TANDEM_CUDA_RETURN_IF_ERROR(
+      gpu::LaunchEmbedding(d_ids_, T, embed_.buf.get(), embed_.dtype, static_cast<int32_t>(H), x,
+                           stream_));
+  TANDEM_CUDA_RETURN_IF_ERROR(gpu::LaunchRopeCosSin(d_pos_, T, inv_freq_.as<float>(), hd / 2,
+                                                    cos_sin_.as<float>(), stream_));
+
+  const bool want_layer_done = batch.on_layer_done != nullptr && *batch.on_layer_done;
+  gpu::FoldedIn delta;  // the previous layer's MLP output, added into x by the next norm
+  for (int32_t l = 0; l < cfg_.num_layers; ++l) {
+    const DeviceLayer& D = layers_[l];
+    gpu::RmsNormArgs norm;
+    norm.x = x;
+    norm.delta = delta;
+    norm.weight = D.attn_norm.as<float>();
+    norm.rows = T;
+    norm.n = static_cast<int32_t>(H);
+    norm.eps = eps;
+    norm.out = ActFor(D.qkv, T);
+    TANDEM_CUDA_RETURN_IF_ERROR(gpu::LaunchAddRmsNorm(norm, stream_));
+    absl::StatusOr<gpu::FoldedIn> qkv = Gemm(D.qkv, T, y);
+    if (!qkv.ok()) {
+      return qkv.status();
+    }
+
+    gpu::QkvPostArgs post;
+    post.qkv = *qkv;
+    post.bias = D.qkv_bias.as<float>();
+    post.q_norm = D.q_norm.as<float>();
+    post.k_norm = D.k_norm.as<float>();
+    post.eps = eps;
+    post.cos_sin = cos_sin_.as<float>();
+    post.slots = d_slots_;
+    post.k_cache = store_->KLayer(l);
+    post.v_cache = store_->VLayer(l);
+    post.kv_dtype = layout_.dtype;
+    post.q_out = q_.as<float>();
+    post.num_tokens = T;
+    post.num_heads = nh;
+    post.num_kv_heads = nkv;
+    post.head_dim = hd;
+    TANDEM_CUDA_RETURN_IF_ERROR(gpu::LaunchQkvPost(post, stream_));
+    if (want_layer_done) {
+      TANDEM_CUDA_RETURN_IF_ERROR(cudaEventRecord(kv_ready_, stream_));
+    }
+
+    gpu::AttentionArgs att;
+    att.q = q_.as<float>();
+    att.out = attn_.as<float>();
+    att.k_cache = store_->KLayer(l);
+    att.v_cache = store_->VLayer(l);
+    att.kv_dtype = layout_.dtype;
+    att.block_tables = d_tables_;
+    att.chunks = d_chunks_;
+    att.tiles = d_tiles_;
+    att.num_tiles = static_cast<int32_t>(tiles_.size());
+    att.num_heads = nh;
+    att.num_kv_heads = nkv;
+    att.head_dim = hd;
+    att.block_size = layout_.block_size;
+    att.window = static_cast<int32_t>(
+        std::min<int64_t>(cfg_.sliding_window.value_or(0), INT32_MAX));
+    att.scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    att.num_splits = num_splits;
+    att.num_tokens = T;
+    att.part_o = part_o_.as<float>();
+    att.part_ml = part_ml_.as<float>();
+    TANDEM_CUDA_RETURN_IF_ERROR(gpu::LaunchAttention(att, stream_));
+
+    TANDEM_CUDA_RETURN_IF_ERROR(
+        gpu::LaunchToAct(attn_.as<float>(), T * q_dim, ActFor(D.wo, T), stream_));
+    absl::StatusOr<gpu::FoldedIn> o = Gemm(D.wo, T, y);
+    if (!o.ok()) {
+      return o.status();
+    }
+    norm.delta = *o;
+    norm.weight = D.mlp_norm.as<float>();
+    norm.out = ActFor(D.gate_up, T);
+    TANDEM_CUDA_RETURN_IF_ERROR(gpu::LaunchAddRmsNorm(norm, stream_));
+    absl::StatusOr<gpu::FoldedIn> gate_up = Gemm(D.gate_up, T, y);
+    if (!gate_up.ok()) {
+      return gate_up.status();
+    }
+    TANDEM_CUDA_RETURN_IF_ERROR(gpu::LaunchSiluMul(*gate_up, T, static_cast<int32_t>(I),
+                                                   ActFor(D.down, T), stream_));
+    absl::StatusOr<gpu::FoldedIn> down = Gemm(D.down, T, y);
+    if (!down.ok()) {
+      return down.status();
+    }
+    delta = *down;
+
+    if (want_layer_done) {
+      // The rest of this layer keeps running on the device while the callback reads the KV.
+      TANDEM_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(kv_ready_));
+      (*batch.on_layer_done)(l);
+    }
+  }
+
+  if (n_logits > 0) {
+    gpu::RmsNormArgs norm;
+    norm.x = x;
+    norm.delta = delta;
+    norm.src_rows = d_logit_rows_;
+    norm.update_x = false;
+    norm.weight = final_norm_.as<float>();
+    norm.rows = n_logits;
+    norm.n = static_cast<int32_t>(H);
+    norm.eps = eps;
+    norm.out = ActFor(*lm_head_, n_logits);
+    TANDEM_CUDA_RETURN_IF_ERROR(gpu::LaunchAddRmsNorm(norm, stream_));
+    float* d_logits = logits_.as<float>();
+    absl::StatusOr<gpu::FoldedIn> out = Gemm(*lm_head_, n_logits, d_logits);
+    if (!out.ok()) {
+      return out.status();
+    }
+    if (out->lo_offset > 0) {
+      TANDEM_CUDA_RETURN_IF_ERROR(gpu::LaunchFold(d_logits, n_logits * V, stream_));
+    }
+    TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(logits.data(), d_logits,
+                                                n_logits * V * sizeof(float),
+                                                cudaMemcpyDeviceToHost, stream_));
+  }
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int CudaDeviceCount() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();  // "no driver" / "no device" are not sticky
+    return 0;
+  }
+  return count;
+}
+
+absl::StatusOr<int64_t> CudaFreeMemoryBytes(int device) {
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
+  size_t free_bytes = 0;
+  size_t total_bytes = 0;
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&free_bytes, &total_bytes));
+  return static_cast<int64_t>(free_bytes);
+}
+
+absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const ModelWeights& model,
+                                                           const KvStoreLayout& kv_layout,
+                                                           const BackendOptions& options,
+                                                           std::vector<float> rope_inv_freq,
+                                                           const CudaBackendOptions& cuda) {
+  (void)options;  // num_threads: host threads are not used by this backend
+  const ModelConfig& c = model.config;
+  const KvGeometry want{c.num_layers, c.num_kv_heads, c.head_dim};
+  if (!(kv_layout.geometry == want)) {
+    return absl::InvalidArgumentError("KV store geometry does not match the model");
+  }
+  if (kv_layout.num_blocks <= 0 || kv_layout.block_size <= 0) {
+    return absl::InvalidArgumentError("KV store needs at least one block of at least one token");
+  }
+  if (!gpu::SupportedHeadDim(c.head_dim)) {
+    return absl::UnimplementedError(
+        absl::StrCat("cuda backend: head_dim ", c.head_dim, " has no kernels (32, 64, 128)"));
+  }
+  if (c.num_kv_heads <= 0 || c.num_heads % c.num_kv_heads != 0) {
+    return absl::InvalidArgumentError("num_heads must be a multiple of num_kv_heads");
+  }
+  if (static_cast<int32_t>(rope_inv_freq.size()) != c.head_dim / 2) {
+    return absl::InvalidArgumentError("rope_inv_freq must hold head_dim / 2 frequencies");
+  }
+  if (model.layers.size() != static_cast<size_t>(c.num_layers) || model.embed == nullptr ||
+      model.lm_head == nullptr || model.final_norm == nullptr) {
+    return absl::InvalidArgumentError("model weights are incomplete");
+  }
+  if (cuda.max_attention_splits < 1) {
+    return absl::InvalidArgumentError("max_attention_splits must be at least 1");
+  }
+  const int count = CudaDeviceCount();
+  if (count == 0) {
+    return absl::FailedPreconditionError("cuda backend: no CUDA device is available");
+  }
+  if (cuda.device < 0 || cuda.device >= count) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cuda backend: device ", cuda.device, " of ", count));
+  }
+  auto backend = std::make_unique<CudaBackend>(c, kv_layout, cuda);
+  TANDEM_STATUS_RETURN_IF_ERROR(backend->Init(model, rope_inv_freq));
+  return std::unique_ptr<Backend>(std::move(backend));
+}
+
+}  // namespace tandem
