@@ -85,49 +85,39 @@ class TensorMaker {
 }  // namespace
 
 absl::StatusOr<RandomModelSpec> RandomModelPreset(const std::string& name) {
-  RandomModelSpec s;
-  if (name == "demo") {
-    s.vocab_size = 512;
-    s.hidden_size = 128;
-    s.intermediate_size = 344;
-    s.num_layers = 2;
-    s.num_heads = 4;
-    s.num_kv_heads = 2;
-    s.tie_word_embeddings = true;
-  } else if (name == "qwen2.5-0.5b") {
-    s.architecture = "Qwen2ForCausalLM";
-    s.vocab_size = 151936;
-    s.hidden_size = 896;
-    s.intermediate_size = 4864;
-    s.num_layers = 24;
-    s.num_heads = 14;
-    s.num_kv_heads = 2;
-    s.max_position_embeddings = 32768;
-    s.rope_theta = 1000000.0f;
-    s.tie_word_embeddings = true;
-  } else if (name == "llama-3.2-1b") {
-    s.vocab_size = 128256;
-    s.hidden_size = 2048;
-    s.intermediate_size = 8192;
-    s.num_layers = 16;
-    s.num_heads = 32;
-    s.num_kv_heads = 8;
-    s.max_position_embeddings = 131072;
-    s.tie_word_embeddings = true;
-  } else if (name == "llama-3-8b") {
-    s.vocab_size = 128256;
-    s.hidden_size = 4096;
-    s.intermediate_size = 14336;
-    s.num_layers = 32;
-    s.num_heads = 32;
-    s.num_kv_heads = 8;
-    s.max_position_embeddings = 8192;
-  } else {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "unknown model preset '", name,
-        "' (expected demo, qwen2.5-0.5b, llama-3.2-1b or llama-3-8b)"));
+  struct Preset {
+    const char* name;
+    const char* architecture;
+    int32_t vocab, hidden, intermediate, layers, heads, kv_heads;
+    int64_t max_positions;
+    float rope_theta;
+    bool tied;
+  };
+  // Shapes of the published models of these names (weights are random).
+  static constexpr Preset kPresets[] = {
+      {"demo", "LlamaForCausalLM", 512, 128, 344, 2, 4, 2, 2048, 500000.0f, true},
+      {"qwen2.5-0.5b", "Qwen2ForCausalLM", 151936, 896, 4864, 24, 14, 2, 32768, 1000000.0f, true},
+      {"llama-3.2-1b", "LlamaForCausalLM", 128256, 2048, 8192, 16, 32, 8, 131072, 500000.0f, true},
+      {"llama-3-8b", "LlamaForCausalLM", 128256, 4096, 14336, 32, 32, 8, 8192, 500000.0f, false},
+  };
+  for (const Preset& p : kPresets) {
+    if (name != p.name) continue;
+    RandomModelSpec s;
+    s.architecture = p.architecture;
+    s.vocab_size = p.vocab;
+    s.hidden_size = p.hidden;
+    s.intermediate_size = p.intermediate;
+    s.num_layers = p.layers;
+    s.num_heads = p.heads;
+    s.num_kv_heads = p.kv_heads;
+    s.max_position_embeddings = p.max_positions;
+    s.rope_theta = p.rope_theta;
+    s.tie_word_embeddings = p.tied;
+    return s;
   }
-  return s;
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown model preset '", name,
+                   "' (expected demo, qwen2.5-0.5b, llama-3.2-1b or llama-3-8b)"));
 }
 
 absl::Status WriteRandomModel(const std::string& dir, const RandomModelSpec& spec) {
