@@ -79,7 +79,7 @@ inline const void* RowPtr(const void* w, DType wtype, int64_t row, int64_t K) {
 
 // MR rows of x against NR rows of w. Every (m, n) accumulator sees k in the same order, and the
 // tail is added after the same horizontal sum, so results do not depend on MR.
-template <DType kW, int MR, int NR>
+template <DType kW, int MR, int NR, bool kPrefetch>
 inline void MicroKernel(const float* x, int64_t ldx, const void* const* wrows, int64_t K, float* y,
                         int64_t ldy) {
   v8f acc[MR][NR];
@@ -87,7 +87,16 @@ inline void MicroKernel(const float* x, int64_t ldx, const void* const* wrows, i
     for (int n = 0; n < NR; ++n) acc[m][n] = v8f{};
   }
   const int64_t K8 = K & ~int64_t{7};
+  // Software prefetch 8 KB ahead in every weight row: rows are short (a few KB), too short for
+  // the hardware prefetcher to ramp up on its own. Only the first pass over a row group
+  // prefetches; later row blocks find the rows in cache.
+  constexpr int64_t kAhead = 8192 / static_cast<int64_t>(DTypeSize(kW));  // elements
   for (int64_t k = 0; k < K8; k += 8) {
+    if (kPrefetch && ((k * static_cast<int64_t>(DTypeSize(kW))) & 63) == 0) {  // once a line
+      for (int n = 0; n < NR; ++n) {
+        __builtin_prefetch(static_cast<const std::byte*>(wrows[n]) + (k + kAhead) * DTypeSize(kW));
+      }
+    }
     v8f wv[NR];
     for (int n = 0; n < NR; ++n) wv[n] = LoadW<kW>(wrows[n], k);
     for (int m = 0; m < MR; ++m) {
@@ -108,8 +117,17 @@ template <DType kW, int NR>
 inline void RowsBlock(const float* x, int64_t M, int64_t ldx, const void* const* wrows, int64_t K,
                       float* y, int64_t ldy) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) MicroKernel<kW, 4, NR>(x + m * ldx, ldx, wrows, K, y + m * ldy, ldy);
-  for (; m < M; ++m) MicroKernel<kW, 1, NR>(x + m * ldx, ldx, wrows, K, y + m * ldy, ldy);
+  if (M >= 4) {
+    MicroKernel<kW, 4, NR, true>(x, ldx, wrows, K, y, ldy);
+    m = 4;
+  } else {
+    MicroKernel<kW, 1, NR, true>(x, ldx, wrows, K, y, ldy);
+    m = 1;
+  }
+  for (; m + 4 <= M; m += 4) {
+    MicroKernel<kW, 4, NR, false>(x + m * ldx, ldx, wrows, K, y + m * ldy, ldy);
+  }
+  for (; m < M; ++m) MicroKernel<kW, 1, NR, false>(x + m * ldx, ldx, wrows, K, y + m * ldy, ldy);
 }
 
 template <DType kW>
