@@ -238,8 +238,7 @@ void Engine::PublishFullBlocks(Sequence& s) {
   while (s.hashes.size() < full) {
     const size_t i = s.hashes.size();
     const BlockHash parent = i == 0 ? prefix_seed_ : s.hashes[i - 1];
-    s.hashes.push_back(HashFullBlocks(std::span<const int32_t>(s.tokens.data() + i * bs, bs), bs,
-                                      parent)[0]);
+    s.hashes.push_back(HashBlock(parent, std::span<const int32_t>(s.tokens).subspan(i * bs, bs)));
   }
   for (; s.published < full; ++s.published) {
     pool_->Publish(s.blocks[s.published], s.hashes[s.published]);

@@ -7,15 +7,6 @@
 #include "xxhash.h"
 
 namespace tandem {
-namespace {
-
-absl::StatusOr<const TensorView*> Need(const WeightSet& w, const std::string& name,
-                                       std::vector<int64_t> shape) {
-  return w.Require(name, shape);
-}
-
-}  // namespace
-
 absl::StatusOr<std::unique_ptr<ModelWeights>> LoadModelWeights(const std::string& dir) {
   namespace fs = std::filesystem;
   std::error_code ec;
@@ -50,7 +41,7 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> LoadModelWeights(const std::string
 
 #define TANDEM_ASSIGN_TENSOR(dst, name, ...)                 \
   do {                                                       \
-    auto t_ = Need(w, name, std::vector<int64_t>__VA_ARGS__); \
+    auto t_ = w.Require(name, std::vector<int64_t>__VA_ARGS__); \
     if (!t_.ok()) return t_.status();                        \
     dst = *t_;                                               \
   } while (0)

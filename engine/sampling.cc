@@ -224,36 +224,19 @@ SampledToken SampleToken(std::span<float> logits, const ResolvedSampling& params
     }
     // Probabilities (unnormalised) in place.
     for (float& v : logits) v = std::exp(v - m);
-    if (params.top_k <= 0 && params.min_p <= 0 && params.top_p >= 1.0f) {
-      // Plain temperature sampling: no candidate ordering needed.
-      double z = 0;
-      for (float v : logits) z += v;
-      const double r = rng.Uniform() * z;
-      double cum = 0;
-      // Rounding can leave r past the last bucket: fall back to the most likely token.
-      chosen = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
-      for (int32_t i = 0; i < vocab; ++i) {
-        cum += logits[i];
-        if (r < cum) {
-          chosen = i;
-          break;
-        }
-      }
-      out.token = chosen;
-      if (want_logprobs) out.logprob = static_cast<float>(scr.raw[chosen] - raw_max - raw_log_z);
-      return out;
-    }
-    // Candidate set sorted by probability, descending, ties by id.
+    // Candidates: every id in id order for plain temperature sampling; sorted by probability
+    // (descending, ties by id) when a filter needs the order.
     scratch.resize(vocab);
     std::iota(scratch.begin(), scratch.end(), 0);
     int32_t n = vocab;
     auto by_prob = [&](int32_t a, int32_t b) {
       return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
     };
+    const bool filtered = params.top_k > 0 || params.min_p > 0 || params.top_p < 1.0f;
     if (params.top_k > 0 && params.top_k < vocab) {
       n = params.top_k;
       std::partial_sort(scratch.begin(), scratch.begin() + n, scratch.end(), by_prob);
-    } else {
+    } else if (filtered) {
       std::sort(scratch.begin(), scratch.end(), by_prob);
     }
     double mass = 0;
@@ -279,7 +262,10 @@ SampledToken SampleToken(std::span<float> logits, const ResolvedSampling& params
     }
     const double r = rng.Uniform() * mass;
     double cum = 0;
-    chosen = scratch[n > 0 ? n - 1 : 0];
+    // Rounding can leave r past the last bucket: fall back to the most likely candidate.
+    chosen = filtered ? scratch[0]
+                      : static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) -
+                                             logits.begin());
     for (int32_t i = 0; i < n; ++i) {
       cum += logits[scratch[i]];
       if (r < cum) {

@@ -204,11 +204,14 @@ std::vector<BlockHash> HashFullBlocks(std::span<const int32_t> tokens, int32_t b
   out.reserve(full);
   BlockHash parent = seed;
   for (size_t i = 0; i < full; ++i) {
-    parent = XXH3_64bits_withSeed(tokens.data() + i * block_size,
-                                  static_cast<size_t>(block_size) * sizeof(int32_t), parent);
+    parent = HashBlock(parent, tokens.subspan(i * block_size, block_size));
     out.push_back(parent);
   }
   return out;
+}
+
+BlockHash HashBlock(BlockHash parent, std::span<const int32_t> block_tokens) {
+  return XXH3_64bits_withSeed(block_tokens.data(), block_tokens.size() * sizeof(int32_t), parent);
 }
 
 }  // namespace tandem

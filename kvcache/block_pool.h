@@ -89,6 +89,10 @@ class BlockPool {
   int64_t evictions_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
+// Hash of one block's tokens chained onto the hash of everything before it (`parent`; the seed
+// for the first block).
+BlockHash HashBlock(BlockHash parent, std::span<const int32_t> block_tokens);
+
 // Chained hash of full blocks of a token sequence: hash[i] covers tokens [0, (i+1)*block_size).
 // `seed` separates caches that must not share content (e.g. different models or KV dtypes).
 std::vector<BlockHash> HashFullBlocks(std::span<const int32_t> tokens, int32_t block_size,
