@@ -8,6 +8,7 @@
 #include <random>
 
 #include "absl/strings/str_cat.h"
+#include "engine/text_stream.h"
 
 namespace tandem {
 
@@ -37,14 +38,19 @@ struct Engine::Sequence {
   bool scheduled = false;         // part of the step being built
   SamplingParams params;
   ResolvedSampling resolved;
-  Rng rng{0};
+  Rng rng{0};                     // unseeded requests; seeded ones draw from SeededRng(index)
   TokenHistory history;
   std::vector<int32_t> banned;    // EOS + stop ids while below min_tokens
   bool want_prompt_logits = false;
-  std::unique_ptr<IncrementalDetokenizer> detok;
-  std::string held;               // text held back while it may start a stop string
-  size_t max_stop_len = 0;
+  std::unique_ptr<TextStream> text;
   FinishReason finish = FinishReason::kNone;
+  int32_t cached_tokens = -1;     // prompt tokens found in the prefix cache at first start
+  // Disaggregated prefill (see SequenceRequest).
+  bool prefill_only = false;
+  bool handed_off = false;        // prefill_only: sampled its token, leaves at the end of the step
+  OutgoingTransfer* kv_export = nullptr;
+  int64_t exported = 0;           // tokens whose KV went out in every layer
+  absl::Status export_status;
 
   int32_t num_output() const { return static_cast<int32_t>(tokens.size() - prompt_len); }
 };
@@ -127,15 +133,19 @@ Engine::~Engine() {
   for (auto& s : seqs_) ReleaseBlocks(*s);
 }
 
-absl::StatusOr<SeqId> Engine::Add(SequenceRequest request) {
+absl::StatusOr<std::unique_ptr<Engine::Sequence>> Engine::NewSequence(
+    SequenceRequest& request) {
   const ModelConfig& c = model_->config;
   if (request.prompt_ids.empty()) {
     return absl::InvalidArgumentError("prompt: must not be empty");
   }
-  for (int32_t id : request.prompt_ids) {
-    if (id < 0 || id >= c.vocab_size) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "prompt: token id ", id, " is outside the vocabulary [0, ", c.vocab_size, ")"));
+  for (const auto* ids : {&request.prompt_ids, &request.output_ids}) {
+    for (int32_t id : *ids) {
+      if (id < 0 || id >= c.vocab_size) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            ids == &request.prompt_ids ? "prompt" : "output_ids", ": token id ", id,
+            " is outside the vocabulary [0, ", c.vocab_size, ")"));
+      }
     }
   }
   const int64_t plen = static_cast<int64_t>(request.prompt_ids.size());
@@ -152,8 +162,17 @@ absl::StatusOr<SeqId> Engine::Add(SequenceRequest request) {
         "max_tokens: prompt (", plen, ") + max_tokens (", request.sampling.max_tokens,
         ") exceeds the context of ", max_model_len_, " tokens"));
   }
+  if (static_cast<int64_t>(request.output_ids.size()) >= request.sampling.max_tokens) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("output_ids: ", request.output_ids.size(),
+                     " tokens already generated leave nothing of max_tokens (",
+                     request.sampling.max_tokens, ")"));
+  }
   if (!request.sampling.stop.empty() && tokenizer_ == nullptr) {
     return absl::InvalidArgumentError("stop: stop strings need a model folder with a tokenizer");
+  }
+  if (request.kv_export != nullptr && !request.prefill_only) {
+    return absl::InvalidArgumentError("kv_export: only prefill_only sequences export KV");
   }
   const int64_t need_blocks =
       (plen + request.sampling.max_tokens + pool_->block_size() - 1) / pool_->block_size();
@@ -166,23 +185,76 @@ absl::StatusOr<SeqId> Engine::Add(SequenceRequest request) {
   s->id = next_id_++;
   s->tokens = std::move(request.prompt_ids);
   s->prompt_len = s->tokens.size();
+  s->history.AddPrompt(s->tokens);
+  for (int32_t id : request.output_ids) s->history.AddOutput(id);
+  s->tokens.insert(s->tokens.end(), request.output_ids.begin(), request.output_ids.end());
   s->params = std::move(request.sampling);
   s->resolved = ResolveSampling(s->params, model_->generation);
-  s->rng = Rng(s->params.seed ? *s->params.seed : std::random_device{}() ^
-                                                      (static_cast<uint64_t>(std::random_device{}()) << 32));
-  s->history.AddPrompt(s->tokens);
+  s->rng = Rng(std::random_device{}() ^ (static_cast<uint64_t>(std::random_device{}()) << 32));
   s->want_prompt_logits = request.want_prompt_logits;
   if (tokenizer_ != nullptr) {
-    s->detok = std::make_unique<IncrementalDetokenizer>(*tokenizer_, s->tokens, true);
+    s->text = std::make_unique<TextStream>(*tokenizer_, s->tokens, s->params.stop);
   }
-  for (const std::string& stop : s->params.stop) s->max_stop_len = std::max(s->max_stop_len, stop.size());
   if (s->params.min_tokens > 0) {
     if (!s->params.ignore_eos) s->banned = eos_ids_;
     s->banned.insert(s->banned.end(), s->params.stop_token_ids.begin(),
                      s->params.stop_token_ids.end());
   }
-  const SeqId id = s->id;
-  seqs_.push_back(std::move(s));
+  s->prefill_only = request.prefill_only;
+  s->kv_export = request.kv_export;
+  return s;
+}
+
+absl::StatusOr<SeqId> Engine::Add(SequenceRequest request) {
+  auto s = NewSequence(request);
+  if (!s.ok()) {
+    return s.status();
+  }
+  const SeqId id = (*s)->id;
+  seqs_.push_back(*std::move(s));
+  return id;
+}
+
+absl::StatusOr<SeqId> Engine::AddPrefilled(SequenceRequest request, std::vector<BlockId> blocks,
+                                           int32_t first_token, float first_logprob) {
+  request.prefill_only = false;
+  request.kv_export = nullptr;
+  auto made = NewSequence(request);
+  if (!made.ok()) {
+    pool_->Release(blocks);
+    return made.status();
+  }
+  Sequence& s = **made;
+  const int64_t n = static_cast<int64_t>(s.tokens.size());
+  if (static_cast<int64_t>(blocks.size()) * pool_->block_size() < n) {
+    pool_->Release(blocks);
+    return absl::InvalidArgumentError(absl::StrCat("blocks: ", blocks.size(),
+                                                   " blocks do not hold ", n, " tokens"));
+  }
+  if (first_token < 0 || first_token >= model_->config.vocab_size) {
+    pool_->Release(blocks);
+    return absl::InvalidArgumentError(
+        absl::StrCat("first_token: id ", first_token, " is outside the vocabulary"));
+  }
+  s.blocks = std::move(blocks);
+  s.num_computed = n;
+  s.started = true;
+  s.cached_tokens = 0;
+  PublishFullBlocks(s);
+  TokenEvent ev;
+  ev.seq = s.id;
+  SampledToken t;
+  t.token = first_token;
+  t.logprob = first_logprob;
+  ProcessSampled(s, t, ev);
+  ev.finish = s.finish;
+  const SeqId id = s.id;
+  if (s.finish != FinishReason::kNone) {
+    ReleaseBlocks(s);
+  } else {
+    seqs_.push_back(*std::move(made));
+  }
+  pending_events_.push_back(std::move(ev));
   return id;
 }
 
@@ -206,8 +278,69 @@ void Engine::Abort(SeqId id) {
   }
 }
 
-bool Engine::HasWork() const { return !seqs_.empty(); }
+bool Engine::HasWork() const { return !seqs_.empty() || !pending_events_.empty(); }
 size_t Engine::num_sequences() const { return seqs_.size(); }
+
+EngineLoad Engine::Load() const {
+  EngineLoad l;
+  for (const auto& s : seqs_) {
+    if (s->started) {
+      ++l.running;
+    } else {
+      ++l.waiting;
+    }
+    const int64_t left = static_cast<int64_t>(s->tokens.size()) - s->num_computed;
+    if (!s->started || left > 1) {
+      l.queued_prefill_tokens += left;
+    }
+  }
+  const BlockPoolStats ps = pool_->Stats();
+  l.free_blocks = pool_->num_free_blocks();
+  l.total_blocks = pool_->num_blocks();
+  l.prefix_queries = ps.prefix_queries;
+  l.prefix_hits = ps.prefix_hits;
+  return l;
+}
+
+void Engine::ExportLayer(int32_t layer, std::span<const SequenceChunk> chunks,
+                         std::span<Sequence* const> chunk_seq) {
+  const KvStore& store = backend_->kv_store();
+  const DType dtype = store.layout().dtype;
+  const size_t token_bytes =
+      static_cast<size_t>(store.layout().geometry.token_elems()) * DTypeSize(dtype);
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    Sequence& s = *chunk_seq[i];
+    if (s.kv_export == nullptr || !s.export_status.ok()) {
+      continue;
+    }
+    const int64_t end = chunks[i].start_pos + static_cast<int64_t>(chunks[i].tokens.size());
+    const int64_t n = end - s.exported;
+    if (n <= 0) {
+      continue;  // recomputation after a preemption: already sent
+    }
+    // Canonical-layout staging copy; the sender holds it until the bytes are on the wire, so
+    // the blocks may be reused as soon as the sequence leaves.
+    auto buf = std::make_shared<std::vector<std::byte>>(2 * static_cast<size_t>(n) * token_bytes);
+    std::byte* k = buf->data();
+    std::byte* v = k + static_cast<size_t>(n) * token_bytes;
+    absl::Status st =
+        store.ReadTokens(layer, chunks[i].block_table, s.exported, n, dtype, k, v);
+    if (st.ok()) {
+      LayerSlice slice;
+      slice.layer = layer;
+      slice.first_token = s.exported;
+      slice.token_count = n;
+      slice.k = k;
+      slice.v = v;
+      slice.dtype = dtype;
+      slice.keep_alive = buf;
+      st = s.kv_export->SendLayer(std::move(slice));
+    }
+    if (!st.ok()) {
+      s.export_status = st;
+    }
+  }
+}
 
 bool Engine::EnsureBlocks(Sequence& s, int64_t tokens) {
   const int64_t need = (tokens + pool_->block_size() - 1) / pool_->block_size();
@@ -246,7 +379,8 @@ void Engine::PublishFullBlocks(Sequence& s) {
 }
 
 absl::StatusOr<std::vector<TokenEvent>> Engine::Step(StepStats* stats) {
-  std::vector<TokenEvent> events;
+  std::vector<TokenEvent> events = std::move(pending_events_);
+  pending_events_.clear();
   StepStats st;
   std::vector<SequenceChunk> chunks;
   std::vector<Sequence*> chunk_seq;
@@ -317,6 +451,9 @@ absl::StatusOr<std::vector<TokenEvent>> Engine::Step(StepStats* stats) {
         s.hashes.assign(hashes.begin(), hashes.begin() + s.blocks.size());
         s.published = s.blocks.size();
       }
+      if (s.cached_tokens < 0) {
+        s.cached_tokens = static_cast<int32_t>(s.num_computed);
+      }
       s.started = true;
       ++started;
     }
@@ -373,6 +510,14 @@ absl::StatusOr<std::vector<TokenEvent>> Engine::Step(StepStats* stats) {
   logits_.resize(static_cast<size_t>(n_logits) * V);
   ForwardBatch batch;
   batch.chunks = chunks;
+  std::function<void(int32_t)> export_layer;
+  for (Sequence* s : chunk_seq) {
+    if (s->kv_export != nullptr && s->export_status.ok()) {
+      export_layer = [&](int32_t layer) { ExportLayer(layer, chunks, chunk_seq); };
+      batch.on_layer_done = &export_layer;
+      break;
+    }
+  }
   if (absl::Status s = backend_->Forward(batch, logits_); !s.ok()) {
     return s;
   }
@@ -381,31 +526,50 @@ absl::StatusOr<std::vector<TokenEvent>> Engine::Step(StepStats* stats) {
   for (size_t i = 0; i < chunks.size(); ++i) {
     Sequence& s = *chunk_seq[i];
     s.num_computed += static_cast<int64_t>(chunks[i].tokens.size());
+    s.exported = std::max(s.exported, s.kv_export ? s.num_computed : 0);
     PublishFullBlocks(s);
+    if (!s.export_status.ok() && s.finish == FinishReason::kNone) {
+      s.finish = FinishReason::kAbort;
+      TokenEvent ev;
+      ev.seq = s.id;
+      ev.finish = s.finish;
+      ev.status = s.export_status;
+      events.push_back(std::move(ev));
+    }
     if (!chunks[i].want_logits) {
       continue;
     }
     std::span<float> lg(&logits_[row * V], V);
     ++row;
+    if (s.finish != FinishReason::kNone) {
+      continue;
+    }
     TokenEvent ev;
     ev.seq = s.id;
+    ev.cached_tokens = std::max(0, s.cached_tokens);
     if (s.want_prompt_logits) {
       ev.prompt_logits.assign(lg.begin(), lg.end());
       s.want_prompt_logits = false;
     }
     const bool below_min = s.num_output() < s.params.min_tokens;
+    if (s.params.seed) {
+      // One stream per output position: the same seed gives the same tokens whichever worker
+      // samples a position (disaggregated prefill, re-admission after a failure).
+      s.rng = Rng(*s.params.seed + 0x9E3779B97F4A7C15ull * static_cast<uint64_t>(s.num_output()));
+    }
     const SampledToken t =
         SampleToken(lg, s.resolved, s.history,
                     below_min ? std::span<const int32_t>(s.banned) : std::span<const int32_t>(),
                     s.params.logprobs, s.rng, scratch_);
     ProcessSampled(s, t, ev);
     ev.finish = s.finish;
+    s.handed_off = s.prefill_only;
     events.push_back(std::move(ev));
   }
 
-  // Finished sequences leave and return their blocks.
+  // Finished (or handed-off) sequences leave and return their blocks.
   for (auto it = seqs_.begin(); it != seqs_.end();) {
-    if ((*it)->finish != FinishReason::kNone) {
+    if ((*it)->finish != FinishReason::kNone || (*it)->handed_off) {
       ReleaseBlocks(**it);
       it = seqs_.erase(it);
     } else {
@@ -416,18 +580,11 @@ absl::StatusOr<std::vector<TokenEvent>> Engine::Step(StepStats* stats) {
   return events;
 }
 
-namespace {
-// Length of the longest prefix of `s` that ends on a UTF-8 character boundary.
-size_t Utf8SafeLength(const std::string& s, size_t n) {
-  while (n > 0 && n < s.size() && (static_cast<unsigned char>(s[n]) & 0xC0) == 0x80) --n;
-  return n;
-}
-}  // namespace
-
 void Engine::ProcessSampled(Sequence& s, const SampledToken& t, TokenEvent& ev) {
   s.tokens.push_back(t.token);
   s.history.AddOutput(t.token);
   ev.token = t.token;
+  ev.index = s.num_output() - 1;
   ev.logprob = t.logprob;
   ev.top_logprobs = t.top_logprobs;
 
@@ -439,21 +596,12 @@ void Engine::ProcessSampled(Sequence& s, const SampledToken& t, TokenEvent& ev) 
     s.finish = FinishReason::kStop;
   }
   // Text: special tokens (EOS) are not part of it.
-  if (s.detok) {
-    if (s.finish == FinishReason::kNone) {
-      s.held += s.detok->Push(t.token);
-    }
-    if (s.max_stop_len > 0) {
-      size_t cut = std::string::npos;
-      for (const std::string& stop : s.params.stop) {
-        cut = std::min(cut, s.held.find(stop));
-      }
-      if (cut != std::string::npos) {
-        ev.text = s.held.substr(0, cut);
-        s.held.clear();
-        s.finish = FinishReason::kStop;
-        return;
-      }
+  if (s.text && s.finish == FinishReason::kNone) {
+    bool stopped = false;
+    ev.text = s.text->Push(t.token, &stopped);
+    if (stopped) {
+      s.finish = FinishReason::kStop;
+      return;
     }
   }
   if (s.finish == FinishReason::kNone &&
@@ -461,21 +609,8 @@ void Engine::ProcessSampled(Sequence& s, const SampledToken& t, TokenEvent& ev) 
        static_cast<int64_t>(s.tokens.size()) >= max_model_len_)) {
     s.finish = FinishReason::kLength;
   }
-  if (!s.detok) {
-    return;
-  }
-  if (s.finish != FinishReason::kNone) {
-    ev.text = std::move(s.held);
-    s.held.clear();
-    if (s.finish == FinishReason::kLength) ev.text += s.detok->Flush();
-    return;
-  }
-  // Hold back what could still become the start of a stop string.
-  const size_t keep = s.max_stop_len > 0 ? s.max_stop_len - 1 : 0;
-  if (s.held.size() > keep) {
-    const size_t n = Utf8SafeLength(s.held, s.held.size() - keep);
-    ev.text = s.held.substr(0, n);
-    s.held.erase(0, n);
+  if (s.text && s.finish != FinishReason::kNone) {
+    ev.text += s.text->Finish(s.finish == FinishReason::kLength);
   }
 }
 

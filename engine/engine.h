@@ -14,6 +14,7 @@
 #include "engine/sampling.h"
 #include "engine/tokenizer.h"
 #include "kvcache/block_pool.h"
+#include "kvcache/kv_sender.h"
 
 namespace tandem {
 
@@ -38,18 +39,41 @@ const char* FinishReasonName(FinishReason r);  // "", "stop", "length", "abort"
 
 struct SequenceRequest {
   std::vector<int32_t> prompt_ids;
+  // Tokens already generated (re-admission after a worker failure): generation continues after
+  // them; they count toward max_tokens/min_tokens and penalties see them as output.
+  std::vector<int32_t> output_ids;
   SamplingParams sampling;
   bool want_prompt_logits = false;  // the first event carries the last prompt position's logits
+  // Disaggregated prefill: compute prompt + output_ids, stream their KV layer by layer into
+  // `kv_export` (not owned; must outlive the sequence; its spec's dtype is the KV store's dtype,
+  // token_count = prompt + output ids, start_position 0), sample one token and leave. The caller
+  // sends END (OutgoingTransfer::Finish) when the event arrives.
+  bool prefill_only = false;
+  OutgoingTransfer* kv_export = nullptr;
 };
 
 struct TokenEvent {
   SeqId seq = 0;
-  int32_t token = -1;
+  int32_t token = -1;    // -1 when the sequence failed (see status)
+  int32_t index = 0;     // position in the output (counting SequenceRequest::output_ids)
   float logprob = 0.0f;  // set when the request asked for logprobs
   std::vector<std::pair<int32_t, float>> top_logprobs;
   std::string text;      // newly completed text (tokenizer present), stop strings cut out
   FinishReason finish = FinishReason::kNone;
   std::vector<float> prompt_logits;
+  int32_t cached_tokens = 0;  // on a sequence's first event: prompt tokens found in the prefix cache
+  absl::Status status;        // not OK: the sequence failed (e.g. its KV export); finish is kAbort
+};
+
+// What a worker reports to the router.
+struct EngineLoad {
+  int64_t queued_prefill_tokens = 0;  // prompt tokens not computed yet
+  int32_t running = 0;                // sequences holding KV
+  int32_t waiting = 0;
+  int32_t free_blocks = 0;
+  int32_t total_blocks = 0;
+  int64_t prefix_queries = 0;
+  int64_t prefix_hits = 0;
 };
 
 struct StepStats {
@@ -77,12 +101,19 @@ class Engine {
   // the vocabulary, prompt or prompt + max_tokens past the context, sampling values);
   // RESOURCE_EXHAUSTED when the sequence could never fit in the KV pool.
   absl::StatusOr<SeqId> Add(SequenceRequest request);
+  // Adds a sequence whose KV for prompt + output_ids arrived from a prefill worker, with the
+  // token it sampled. `blocks` (table covering those tokens, first block first) carry one
+  // reference that passes to the engine, also on error. The first token's event comes out of
+  // the next Step() (it may already finish the sequence).
+  absl::StatusOr<SeqId> AddPrefilled(SequenceRequest request, std::vector<BlockId> blocks,
+                                     int32_t first_token, float first_logprob);
   // Drops a sequence and frees its blocks. Unknown ids are ignored.
   void Abort(SeqId id);
   // Runs one step. Events for sequences that produced a token (finish set on their last).
   absl::StatusOr<std::vector<TokenEvent>> Step(StepStats* stats = nullptr);
   bool HasWork() const;
   size_t num_sequences() const;
+  EngineLoad Load() const;
 
   // Offline helper: runs one request to completion (other queued sequences run along).
   absl::StatusOr<GenerateResult> Generate(SequenceRequest request);
@@ -103,6 +134,10 @@ class Engine {
   void ReleaseBlocks(Sequence& s);
   void PublishFullBlocks(Sequence& s);
   void ProcessSampled(Sequence& s, const SampledToken& t, TokenEvent& ev);
+  absl::StatusOr<std::unique_ptr<Sequence>> NewSequence(SequenceRequest& request);
+  // Streams layer `layer` of every exporting chunk of the step being run.
+  void ExportLayer(int32_t layer, std::span<const SequenceChunk> chunks,
+                   std::span<Sequence* const> chunk_seq);
 
   EngineOptions options_;
   std::unique_ptr<ModelWeights> model_;
@@ -116,6 +151,7 @@ class Engine {
   std::vector<std::unique_ptr<Sequence>> seqs_;  // arrival order
   std::vector<float> logits_;
   SamplerScratch scratch_;
+  std::vector<TokenEvent> pending_events_;  // first tokens of AddPrefilled sequences
 };
 
 }  // namespace tandem
