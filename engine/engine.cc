@@ -133,8 +133,7 @@ Engine::~Engine() {
   for (auto& s : seqs_) ReleaseBlocks(*s);
 }
 
-absl::StatusOr<std::unique_ptr<Engine::Sequence>> Engine::NewSequence(
-    SequenceRequest& request) {
+absl::Status Engine::Validate(const SequenceRequest& request) const {
   const ModelConfig& c = model_->config;
   if (request.prompt_ids.empty()) {
     return absl::InvalidArgumentError("prompt: must not be empty");
@@ -180,7 +179,14 @@ absl::StatusOr<std::unique_ptr<Engine::Sequence>> Engine::NewSequence(
     return absl::ResourceExhaustedError(absl::StrCat(
         "sequence needs ", need_blocks, " KV blocks; the pool has ", pool_->num_blocks()));
   }
+  return absl::OkStatus();
+}
 
+absl::StatusOr<std::unique_ptr<Engine::Sequence>> Engine::NewSequence(
+    SequenceRequest& request) {
+  if (absl::Status st = Validate(request); !st.ok()) {
+    return st;
+  }
   auto s = std::make_unique<Sequence>();
   s->id = next_id_++;
   s->tokens = std::move(request.prompt_ids);

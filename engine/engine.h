@@ -101,6 +101,8 @@ class Engine {
   // the vocabulary, prompt or prompt + max_tokens past the context, sampling values);
   // RESOURCE_EXHAUSTED when the sequence could never fit in the KV pool.
   absl::StatusOr<SeqId> Add(SequenceRequest request);
+  // The checks Add() makes, without adding.
+  absl::Status Validate(const SequenceRequest& request) const;
   // Adds a sequence whose KV for prompt + output_ids arrived from a prefill worker, with the
   // token it sampled. `blocks` (table covering those tokens, first block first) carry one
   // reference that passes to the engine, also on error. The first token's event comes out of
