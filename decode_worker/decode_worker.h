@@ -24,6 +24,8 @@ class Service;
 
 namespace tandem {
 
+class WorkerMetrics;
+
 struct DecodeWorkerOptions {
   EngineOptions engine;
   KvServerOptions kv;             // data-plane listener (explicit bind address; port 0 = pick)
@@ -34,7 +36,8 @@ struct DecodeWorkerOptions {
   // How long a landing ticket waits for its KV (from the ticket to END) before the transfer
   // fails and the call ends with UNAVAILABLE.
   std::chrono::milliseconds transfer_timeout{30000};
-  uint64_t incarnation_id = 0;  // 0: a random one
+  uint64_t incarnation_id = 0;       // 0: a random one
+  WorkerMetrics* metrics = nullptr;  // not owned; null: no metrics
 };
 
 class DecodeWorker {
@@ -68,6 +71,8 @@ class DecodeWorker {
   // Free and total KV blocks (tests check that every block came back).
   int32_t free_blocks() const;
   int32_t total_blocks() const;
+  // BlockPool::CheckInvariants of the KV pool: "" when consistent.
+  std::string CheckKvInvariants() const;
 
   class Impl;
 

@@ -5,7 +5,9 @@
 #include <algorithm>
 #include <chrono>
 #include <filesystem>
+#include <iterator>
 #include <random>
+#include <unordered_set>
 
 #include "absl/strings/str_cat.h"
 #include "engine/text_stream.h"
@@ -502,7 +504,20 @@ absl::StatusOr<std::vector<TokenEvent>> Engine::Step(StepStats* stats) {
       }
     }
     if (preempted) {
-      return Step(stats);
+      auto more = Step(stats);
+      if (!more.ok()) {
+        return more;
+      }
+      events.insert(events.end(), std::make_move_iterator(more->begin()),
+                    std::make_move_iterator(more->end()));
+      return events;
+    }
+    // Blocks held outside the engine (a decode worker's reservations for KV still landing) can
+    // be what is missing: then the sequences wait for them to come back.
+    std::unordered_set<BlockId> held;  // distinct: prefix-cache hits share blocks
+    for (const auto& sp : seqs_) held.insert(sp->blocks.begin(), sp->blocks.end());
+    if (static_cast<int64_t>(held.size()) + pool_->num_free_blocks() < pool_->num_blocks()) {
+      return events;
     }
     return absl::InternalError("no sequence can be scheduled although the pool should fit one");
   }
@@ -568,6 +583,7 @@ absl::StatusOr<std::vector<TokenEvent>> Engine::Step(StepStats* stats) {
                     below_min ? std::span<const int32_t>(s.banned) : std::span<const int32_t>(),
                     s.params.logprobs, s.rng, scratch_);
     ProcessSampled(s, t, ev);
+    ++st.sampled;
     ev.finish = s.finish;
     s.handed_off = s.prefill_only;
     events.push_back(std::move(ev));

@@ -80,6 +80,7 @@ struct StepStats {
   int32_t prefill_tokens = 0;
   int32_t decode_tokens = 0;
   int32_t preempted = 0;
+  int32_t sampled = 0;  // tokens sampled in this step
 };
 
 struct GenerateResult {

@@ -2,6 +2,8 @@
 #include "kvcache/kv_landing.h"
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -19,8 +21,9 @@ struct KvLanding::Transfer {
   DType src_dtype = DType::kBF16;
   std::vector<uint64_t> next_token;  // per layer: tokens received so far (in order)
   int64_t layers_complete = 0;
-  int writes_in_flight = 0;  // LAYER payloads being verified/written outside the lock
-  bool released = false;     // `retained` handed back to the pool
+  int writes_in_flight = 0;   // writes into the blocks in progress outside the lock
+  int unverified_frames = 0;  // claimed by BeginLayer, not yet verified (FinishLayer)
+  bool released = false;      // `retained` handed back to the pool
   uint64_t bytes = 0;
   KvClock::time_point created;
 };
@@ -339,76 +342,110 @@ void KvLanding::OnBegin(PeerId peer, const BeginFrame& f, Deferred& d) {
   t->spec.token = TransferToken{};  // one-time: forget it
 }
 
+std::shared_ptr<KvLanding::Transfer> KvLanding::ClaimLayerLocked(PeerId peer, const LayerHeader& f,
+                                                                 uint64_t k_bytes, uint64_t v_bytes,
+                                                                 Deferred& d) {
+  ++stats_.frames_received;
+  auto it = transfers_.find(f.transfer_id);
+  if (it == transfers_.end()) {
+    LateFrameLocked(peer, FrameType::kLayer, f.transfer_id, d);
+    return nullptr;
+  }
+  std::shared_ptr<Transfer> t = it->second;
+  if (t->peer != peer) {
+    if (t->phase == Transfer::Phase::kStreaming) {
+      ++stats_.foreign_frames;  // someone else's transfer: not this peer's to break
+      return nullptr;
+    }
+    t->peer = peer;
+  }
+  if (t->phase != Transfer::Phase::kStreaming) {
+    EndLocked(t, TransferError::kProtocolViolation, "LAYER before BEGIN", true, d);
+    return nullptr;
+  }
+  const KvGeometry& g = t->spec.geometry;
+  if (f.layer >= static_cast<uint32_t>(g.num_layers)) {
+    EndLocked(t, TransferError::kLayerOutOfRange,
+              absl::StrCat("layer ", f.layer, " >= ", g.num_layers), true, d);
+    return nullptr;
+  }
+  const uint64_t total = static_cast<uint64_t>(t->spec.token_count);
+  if (f.first_token > total || f.token_count > total - f.first_token) {
+    EndLocked(t, TransferError::kTokenRangeOutOfRange,
+              absl::StrCat("layer ", f.layer, " tokens [", f.first_token, ", +", f.token_count,
+                           ") outside the transfer's ", total, " tokens"),
+              true, d);
+    return nullptr;
+  }
+  const uint64_t next = t->next_token[f.layer];
+  if (f.first_token < next) {
+    EndLocked(t, TransferError::kDuplicateLayer,
+              absl::StrCat("layer ", f.layer, " tokens [", f.first_token, ", +", f.token_count,
+                           ") already received (next expected token ", next, ")"),
+              true, d);
+    return nullptr;
+  }
+  if (f.first_token > next) {
+    EndLocked(t, TransferError::kTokenRangeOutOfRange,
+              absl::StrCat("layer ", f.layer, " skips tokens [", next, ", ", f.first_token, ")"),
+              true, d);
+    return nullptr;
+  }
+  const std::optional<uint64_t> want = TensorBytes(f.token_count, g.token_elems(), t->src_dtype);
+  if (!want || k_bytes != *want || v_bytes != *want) {
+    EndLocked(t, TransferError::kSizeMismatch,
+              absl::StrCat("layer ", f.layer, ": K/V of ", k_bytes, "/", v_bytes,
+                           " bytes, expected ", want.value_or(0), " each"),
+              true, d);
+    return nullptr;
+  }
+  // Claim the range; the caller verifies and writes without the lock.
+  t->next_token[f.layer] = f.first_token + f.token_count;
+  if (t->next_token[f.layer] == total) {
+    ++t->layers_complete;
+  }
+  return t;
+}
+
+void KvLanding::EndWriteLocked(const std::shared_ptr<Transfer>& t, Deferred& d) {
+  --t->writes_in_flight;
+  // Ended (cancel, deadline) while we wrote: the release was left to the last writer.
+  if (t->phase == Transfer::Phase::kEnded && t->writes_in_flight == 0 && !t->released) {
+    t->released = true;
+    d.releases.push_back(std::move(t->retained));
+  }
+}
+
+void KvLanding::FinishWriteLocked(const std::shared_ptr<Transfer>& t, TransferError error,
+                                  std::string detail, uint64_t bytes, Deferred& d) {
+  if (t->phase == Transfer::Phase::kEnded) {
+    return;
+  }
+  if (error != TransferError::kOk) {
+    EndLocked(t, error, std::move(detail), true, d);
+    return;
+  }
+  t->bytes += bytes;
+  stats_.bytes_received += bytes;
+}
+
 void KvLanding::OnLayer(PeerId peer, const LayerFrame& f, Deferred& d) {
   std::shared_ptr<Transfer> t;
-  int32_t layer = 0;
-  int64_t first = 0;
   {
     absl::MutexLock lock(&mu_);
-    ++stats_.frames_received;
-    auto it = transfers_.find(f.transfer_id);
-    if (it == transfers_.end()) {
-      LateFrameLocked(peer, FrameType::kLayer, f.transfer_id, d);
+    const LayerHeader h{f.transfer_id, f.layer,    f.token_count,
+                        f.first_token, f.k.size(), f.checksum};
+    t = ClaimLayerLocked(peer, h, f.k.size(), f.v.size(), d);
+    if (!t) {
       return;
-    }
-    t = it->second;
-    if (t->peer != peer) {
-      if (t->phase == Transfer::Phase::kStreaming) {
-        ++stats_.foreign_frames;  // someone else's transfer: not this peer's to break
-        return;
-      }
-      t->peer = peer;
-    }
-    if (t->phase != Transfer::Phase::kStreaming) {
-      EndLocked(t, TransferError::kProtocolViolation, "LAYER before BEGIN", true, d);
-      return;
-    }
-    const KvGeometry& g = t->spec.geometry;
-    if (f.layer >= static_cast<uint32_t>(g.num_layers)) {
-      EndLocked(t, TransferError::kLayerOutOfRange,
-                absl::StrCat("layer ", f.layer, " >= ", g.num_layers), true, d);
-      return;
-    }
-    const uint64_t total = static_cast<uint64_t>(t->spec.token_count);
-    if (f.first_token > total || f.token_count > total - f.first_token) {
-      EndLocked(t, TransferError::kTokenRangeOutOfRange,
-                absl::StrCat("layer ", f.layer, " tokens [", f.first_token, ", +", f.token_count,
-                             ") outside the transfer's ", total, " tokens"),
-                true, d);
-      return;
-    }
-    const uint64_t next = t->next_token[f.layer];
-    if (f.first_token < next) {
-      EndLocked(t, TransferError::kDuplicateLayer,
-                absl::StrCat("layer ", f.layer, " tokens [", f.first_token, ", +", f.token_count,
-                             ") already received (next expected token ", next, ")"),
-                true, d);
-      return;
-    }
-    if (f.first_token > next) {
-      EndLocked(t, TransferError::kTokenRangeOutOfRange,
-                absl::StrCat("layer ", f.layer, " skips tokens [", next, ", ", f.first_token, ")"),
-                true, d);
-      return;
-    }
-    const std::optional<uint64_t> want = TensorBytes(f.token_count, g.token_elems(), t->src_dtype);
-    if (!want || f.k.size() != *want || f.v.size() != *want) {
-      EndLocked(t, TransferError::kSizeMismatch,
-                absl::StrCat("layer ", f.layer, ": K/V of ", f.k.size(), "/", f.v.size(),
-                             " bytes, expected ", want.value_or(0), " each"),
-                true, d);
-      return;
-    }
-    // Claim the range, then verify and write without the lock.
-    t->next_token[f.layer] = f.first_token + f.token_count;
-    if (t->next_token[f.layer] == total) {
-      ++t->layers_complete;
     }
     ++t->writes_in_flight;
-    layer = static_cast<int32_t>(f.layer);
-    first = t->spec.start_position + static_cast<int64_t>(f.first_token);
   }
+  const int32_t layer = static_cast<int32_t>(f.layer);
+  const int64_t first = t->spec.start_position + static_cast<int64_t>(f.first_token);
 
+  // Verified before anything reaches the store: a whole frame is already in memory, so there
+  // is no socket read to overlap with (BeginLayer is the in-place path).
   TransferError error = TransferError::kOk;
   std::string detail;
   if (LayerChecksum(f.k, f.v) != f.checksum) {
@@ -422,21 +459,229 @@ void KvLanding::OnLayer(PeerId peer, const LayerFrame& f, Deferred& d) {
   }
 
   absl::MutexLock lock(&mu_);
-  --t->writes_in_flight;
-  if (t->phase == Transfer::Phase::kEnded) {
-    // Ended (cancel, deadline) while we wrote: the release was left to the last writer.
-    if (t->writes_in_flight == 0 && !t->released) {
-      t->released = true;
-      d.releases.push_back(std::move(t->retained));
+  EndWriteLocked(t, d);
+  FinishWriteLocked(t, error, std::move(detail), f.k.size() + f.v.size(), d);
+}
+
+void KvLanding::BeginLayer(PeerId peer, std::span<const std::byte> fixed, uint64_t body_bytes,
+                           IncomingLayer* layer, bool in_place_ok) {
+  if (layer->mode_ == IncomingLayer::Mode::kInPlace ||
+      layer->mode_ == IncomingLayer::Mode::kStaged) {
+    // The transport skipped FinishLayer: the frame before this one never completed.
+    AbandonLayer(layer, TransferError::kProtocolViolation, "LAYER payload left unfinished");
+  }
+  layer->Reset();
+  layer->landing_ = this;
+  layer->mode_ = IncomingLayer::Mode::kDiscard;
+  layer->payload_bytes_ = body_bytes > kLayerFixedBytes ? body_bytes - kLayerFixedBytes : 0;
+  Deferred d;
+  absl::StatusOr<LayerHeader> h = DecodeLayerHeader(fixed, body_bytes);
+  if (!h.ok()) {
+    OnBadBody(peer, FrameType::kLayer, fixed, h.status(), d);
+    Run(d);
+    return;
+  }
+  std::shared_ptr<Transfer> t;
+  {
+    absl::MutexLock lock(&mu_);
+    t = ClaimLayerLocked(peer, *h, h->tensor_bytes, h->tensor_bytes, d);
+    if (t) {
+      ++t->unverified_frames;
     }
+  }
+  Run(d);
+  if (!t) {
     return;
   }
-  if (error != TransferError::kOk) {
-    EndLocked(t, error, std::move(detail), true, d);
+  // The block table does not change while the transfer is live (only a successful END takes
+  // it, and END refuses while a frame is unverified).
+  layer->transfer_ = std::move(t);
+  layer->header_ = *h;
+  layer->layer_ = static_cast<int32_t>(h->layer);
+  layer->first_position_ =
+      layer->transfer_->spec.start_position + static_cast<int64_t>(h->first_token);
+  layer->checksum_.Reset();
+  if (in_place_ok && store_.InPlaceRegions(layer->layer_, layer->transfer_->spec.block_table,
+                                           layer->first_position_, h->token_count,
+                                           layer->transfer_->src_dtype, &layer->regions_)) {
+    uint64_t mapped = 0;
+    for (const auto& r : layer->regions_) mapped += r.size();
+    if (mapped == layer->payload_bytes_) {
+      layer->mode_ = IncomingLayer::Mode::kInPlace;
+      return;
+    }
+  }
+  layer->regions_.clear();
+  if (layer->staging_bytes_ < layer->payload_bytes_) {
+    // Bounded by the transport's frame limit; grows only (reused for every later frame).
+    layer->staging_.reset(new std::byte[layer->payload_bytes_]);
+    layer->staging_bytes_ = layer->payload_bytes_;
+  }
+  layer->regions_.emplace_back(layer->staging_.get(), layer->payload_bytes_);
+  layer->mode_ = IncomingLayer::Mode::kStaged;
+}
+
+bool KvLanding::AcquireLayerWrite(IncomingLayer* layer) {
+  if (layer->mode_ == IncomingLayer::Mode::kStaged) {
+    return true;  // staging memory is the IncomingLayer's own
+  }
+  if (layer->mode_ != IncomingLayer::Mode::kInPlace || layer->write_held_) {
+    return false;
+  }
+  absl::MutexLock lock(&mu_);
+  if (layer->transfer_->phase == Transfer::Phase::kEnded) {
+    return false;  // its blocks may be gone already
+  }
+  ++layer->transfer_->writes_in_flight;
+  layer->write_held_ = true;
+  return true;
+}
+
+void KvLanding::ReleaseLayerWrite(IncomingLayer* layer) {
+  if (!layer->write_held_) {
     return;
   }
-  t->bytes += f.k.size() + f.v.size();
-  stats_.bytes_received += f.k.size() + f.v.size();
+  layer->write_held_ = false;
+  Deferred d;
+  {
+    absl::MutexLock lock(&mu_);
+    EndWriteLocked(layer->transfer_, d);
+  }
+  Run(d);
+}
+
+void KvLanding::FinishLayer(IncomingLayer* layer) {
+  if (layer->mode_ != IncomingLayer::Mode::kInPlace &&
+      layer->mode_ != IncomingLayer::Mode::kStaged) {
+    layer->Reset();
+    return;
+  }
+  if (!layer->complete()) {
+    AbandonLayer(layer, TransferError::kProtocolViolation, "LAYER payload incomplete");
+    return;
+  }
+  ReleaseLayerWrite(layer);
+  const LayerHeader& h = layer->header_;
+  const std::shared_ptr<Transfer> t = layer->transfer_;
+  TransferError error = TransferError::kOk;
+  std::string detail;
+  bool write = false;
+  if (layer->checksum_.Digest() != h.checksum) {
+    // kInPlace: the bytes are in the blocks but never committed: the transfer ends here.
+    error = TransferError::kChecksumMismatch;
+    detail = absl::StrCat("layer ", h.layer, " tokens [", h.first_token, ", +", h.token_count, ")");
+  } else if (layer->mode_ == IncomingLayer::Mode::kStaged) {
+    absl::MutexLock lock(&mu_);
+    write = t->phase != Transfer::Phase::kEnded;
+    if (write) {
+      ++t->writes_in_flight;
+    }
+  }
+  if (write) {
+    const std::byte* k = layer->staging_.get();
+    if (absl::Status s =
+            store_.WriteTokens(layer->layer_, t->spec.block_table, layer->first_position_,
+                               h.token_count, t->src_dtype, k, k + h.tensor_bytes);
+        !s.ok()) {
+      error = TransferError::kStoreWriteFailed;
+      detail = std::string(s.message());
+    }
+  }
+  const uint64_t bytes = layer->payload_bytes_;
+  layer->Reset();
+  Deferred d;
+  {
+    absl::MutexLock lock(&mu_);
+    --t->unverified_frames;
+    if (write) {
+      EndWriteLocked(t, d);
+    }
+    FinishWriteLocked(t, error, std::move(detail), bytes, d);
+  }
+  Run(d);
+}
+
+void KvLanding::AbandonLayer(IncomingLayer* layer, TransferError reason, std::string_view why) {
+  if (layer->mode_ != IncomingLayer::Mode::kInPlace &&
+      layer->mode_ != IncomingLayer::Mode::kStaged) {
+    layer->Reset();
+    return;
+  }
+  ReleaseLayerWrite(layer);
+  const std::shared_ptr<Transfer> t = layer->transfer_;
+  const LayerHeader h = layer->header_;
+  const uint64_t got = layer->received_;
+  const uint64_t want = layer->payload_bytes_;
+  layer->Reset();
+  Deferred d;
+  {
+    absl::MutexLock lock(&mu_);
+    --t->unverified_frames;
+    // Never kOk: the range was claimed but not verified, so the transfer cannot complete.
+    FinishWriteLocked(
+        t, reason == TransferError::kOk ? TransferError::kPeerDisconnected : reason,
+        absl::StrCat(internal::Av(why), " (layer ", h.layer, " tokens [", h.first_token, ", +",
+                     h.token_count, "): ", got, " of ", want, " payload bytes)"),
+        0, d);
+  }
+  Run(d);
+}
+
+IncomingLayer::~IncomingLayer() {
+  if (landing_ != nullptr && (mode_ == Mode::kInPlace || mode_ == Mode::kStaged)) {
+    landing_->AbandonLayer(this, TransferError::kPeerDisconnected,
+                           "LAYER payload dropped by the receiver");
+  }
+}
+
+void IncomingLayer::Reset() {
+  write_held_ = false;
+  transfer_.reset();
+  mode_ = Mode::kIdle;
+  payload_bytes_ = 0;
+  received_ = 0;
+  regions_.clear();  // keeps its capacity
+  region_ = 0;
+  offset_ = 0;
+}
+
+size_t IncomingLayer::NextBuffers(std::span<std::span<std::byte>> out, size_t max_bytes) const {
+  if (mode_ != Mode::kInPlace && mode_ != Mode::kStaged) {
+    return 0;
+  }
+  size_t n = 0;
+  size_t r = region_;
+  size_t off = offset_;
+  while (n < out.size() && max_bytes > 0 && r < regions_.size()) {
+    const size_t len = std::min(regions_[r].size() - off, max_bytes);
+    out[n++] = regions_[r].subspan(off, len);
+    max_bytes -= len;
+    off = 0;
+    ++r;
+  }
+  return n;
+}
+
+void IncomingLayer::Received(size_t n) {
+  if (n > payload_bytes_ - received_ ||
+      (n > 0 && mode_ != Mode::kInPlace && mode_ != Mode::kStaged)) {
+    std::fprintf(stderr, "IncomingLayer: %zu bytes received past the payload (%llu of %llu)\n", n,
+                 static_cast<unsigned long long>(received_),
+                 static_cast<unsigned long long>(payload_bytes_));
+    std::abort();
+  }
+  received_ += n;
+  while (n > 0 && region_ < regions_.size()) {
+    const std::span<std::byte> piece =
+        regions_[region_].subspan(offset_, std::min(n, regions_[region_].size() - offset_));
+    checksum_.Update(piece);
+    n -= piece.size();
+    offset_ += piece.size();
+    if (offset_ == regions_[region_].size()) {
+      ++region_;
+      offset_ = 0;
+    }
+  }
 }
 
 void KvLanding::OnEnd(PeerId peer, const EndFrame& f, Deferred& d) {
@@ -459,7 +704,8 @@ void KvLanding::OnEnd(PeerId peer, const EndFrame& f, Deferred& d) {
     EndLocked(t, TransferError::kProtocolViolation, "END before BEGIN", true, d);
     return;
   }
-  if (t->layers_complete != t->spec.geometry.num_layers || t->writes_in_flight != 0) {
+  if (t->layers_complete != t->spec.geometry.num_layers || t->writes_in_flight != 0 ||
+      t->unverified_frames != 0) {
     EndLocked(t, TransferError::kIncomplete,
               absl::StrCat(t->layers_complete, " of ", t->spec.geometry.num_layers,
                            " layers complete at END"),

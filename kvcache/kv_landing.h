@@ -18,6 +18,12 @@
 // peer from one thread at a time (frames of a connection are applied in order). Completion
 // callbacks run on the thread that ended the transfer, with no landing lock held; they may call
 // back into the landing.
+//
+// Two ways in for LAYER payloads: OnFrame takes a whole frame from the transport's buffer and
+// verifies its checksum before anything reaches the store. BeginLayer/FinishLayer (IncomingLayer)
+// let a transport read the payload straight into the transfer's reserved blocks and verify it
+// piecewise as it arrives, with no frame buffer and no second copy; see BeginLayer for why
+// writing before verification keeps DESIGN §9's rule that unverified KV is never committed.
 #pragma once
 
 #include <chrono>
@@ -93,6 +99,8 @@ struct LandingStats {
   std::chrono::nanoseconds total_ok_transfer_time{0};
 };
 
+class IncomingLayer;
+
 struct KvLandingOptions {
   uint64_t incarnation_id = 0;  // sent in our HELLO; a restarted worker gets a new one
   std::string hello_secret;     // when non-empty, a sender's HELLO auth must equal it
@@ -139,16 +147,80 @@ class KvLanding {
   // Same, for an already decoded frame (in-process transport, tests).
   absl::Status OnFrame(PeerId peer, const Frame& frame);
 
+  // ---- Transport side: LAYER payloads read in place ----
+  // Usage (one IncomingLayer per connection, reused; frames of a connection still in order):
+  //   BeginLayer(peer, fixed, body_bytes, &layer);           // after reading header + fixed part
+  //   kDiscard: read and drop layer.payload_bytes().
+  //   otherwise, until layer.complete():
+  //     if (!AcquireLayerWrite(&layer)) { AbandonLayer(...); drop the rest of the payload; }
+  //     n = one socket read into layer.NextBuffers(...);  layer.Received(n);
+  //     ReleaseLayerWrite(&layer);
+  //   FinishLayer(&layer);                                    // AbandonLayer if the read fails
+  //
+  // `fixed` is the first kLayerFixedBytes of a LAYER body of `body_bytes` bytes. BeginLayer
+  // applies every check OnFrame applies to a LAYER up to (not including) the checksum, with the
+  // same outcomes, and claims the frame's token range. Then `layer` is:
+  // - kDiscard: the frame was refused (its transfer ended), ignored (late, unknown, another
+  //   peer's transfer) or malformed (handled as OnFrame handles a bad body);
+  // - kInPlace (only if `in_place_ok` and the store allows it, KvStore::InPlaceRegions): the
+  //   payload goes into the transfer's own reserved blocks, before its checksum is verified;
+  // - kStaged: into the IncomingLayer's staging memory; FinishLayer verifies it, then writes it
+  //   (KvStore::WriteTokens), exactly as OnFrame does.
+  //
+  // Why kInPlace keeps DESIGN §9 ("decode never commits KV it has not verified"): bytes in a
+  // transfer's blocks are committed only when the transfer ends OK (on_done with OK hands the
+  // block table to the decode side). Until then the blocks are this transfer's alone: the decode
+  // side reserved them for this sequence (ExpectTransfer requires its reference), does not read
+  // them before on_done, and does not publish them to the prefix cache. A payload that fails its
+  // checksum (or a connection lost mid-payload) ends the whole transfer with an error and END is
+  // refused while a frame is unverified, so unverified bytes are never served: the blocks only
+  // go back to the pool, whose next user overwrites them. Each write into the blocks is bracketed
+  // by AcquireLayerWrite/ReleaseLayerWrite, which hold the landing's reference for the duration
+  // of that write only: a transfer that ends mid-payload (cancel, deadline) while its peer stalls
+  // gives its blocks back at once, and once it has ended nothing more is written into them. (As
+  // with OnFrame writes in flight, the decode side must not reuse blocks it reserved for a
+  // transfer before that transfer has ended.)
+  void BeginLayer(PeerId peer, std::span<const std::byte> fixed, uint64_t body_bytes,
+                  IncomingLayer* layer, bool in_place_ok = true);
+  // Brackets one write into the spans layer->NextBuffers() gives. Acquire returns false when the
+  // frame's transfer has ended (or the layer is not delivering): write nothing, drop the rest.
+  // Cheap (one uncontended lock each); meant for one socket read of up to a few hundred KiB.
+  bool AcquireLayerWrite(IncomingLayer* layer);
+  void ReleaseLayerWrite(IncomingLayer* layer);
+  // Every payload byte was Received(): verifies the checksum and commits the frame, or ends its
+  // transfer (kChecksumMismatch; kStoreWriteFailed). Leaves `layer` idle. For kDiscard (or
+  // kIdle) it only resets `layer`.
+  void FinishLayer(IncomingLayer* layer);
+  // The payload will never be complete (connection lost or closed mid-frame, or the transport
+  // stops delivering after AcquireLayerWrite failed): ends its transfer with `reason` unless it
+  // already ended. Leaves `layer` idle. For kDiscard (or kIdle) it only resets `layer`.
+  void AbandonLayer(IncomingLayer* layer, TransferError reason, std::string_view why);
+
   LandingStats Stats() const;
   const KvStoreLayout& store_layout() const { return store_.layout(); }
 
  private:
+  friend class IncomingLayer;
   struct Transfer;
   // Work left to do once the lock is dropped: callbacks, RESULTs, block releases.
   struct Deferred;
 
   void OnBegin(PeerId peer, const BeginFrame& f, Deferred& d);
   void OnLayer(PeerId peer, const LayerFrame& f, Deferred& d);
+  // The checks of a LAYER before its checksum (shared by OnLayer and BeginLayer). On success
+  // claims the range, counts a write in flight and returns the transfer; otherwise ends or
+  // ignores as the frame deserves and returns null.
+  std::shared_ptr<Transfer> ClaimLayerLocked(PeerId peer, const LayerHeader& h, uint64_t k_bytes,
+                                             uint64_t v_bytes, Deferred& d)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A write into the transfer's blocks (writes_in_flight) has returned; releases the blocks if
+  // the transfer ended meanwhile and this was the last writer.
+  void EndWriteLocked(const std::shared_ptr<Transfer>& t, Deferred& d)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A claimed LAYER is done: commits its bytes, or ends the transfer with `error`.
+  void FinishWriteLocked(const std::shared_ptr<Transfer>& t, TransferError error,
+                         std::string detail, uint64_t bytes, Deferred& d)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void OnEnd(PeerId peer, const EndFrame& f, Deferred& d);
   void OnAbort(PeerId peer, const AbortFrame& f, Deferred& d);
   void OnBadBody(PeerId peer, FrameType type, std::span<const std::byte> body,
@@ -180,6 +252,60 @@ class KvLanding {
   std::vector<uint64_t> tombstone_ring_ ABSL_GUARDED_BY(mu_);
   size_t tombstone_next_ ABSL_GUARDED_BY(mu_) = 0;
   LandingStats stats_ ABSL_GUARDED_BY(mu_);
+};
+
+// One LAYER frame whose K/V payload a transport delivers piecewise (KvLanding::BeginLayer). A
+// transport keeps one per connection and reuses it: its region list and staging memory are kept
+// between frames, so once warm the per-frame path allocates nothing. Not thread-safe: it belongs
+// to the connection that reads the frame.
+class IncomingLayer {
+ public:
+  enum class Mode {
+    kIdle,     // no frame in progress
+    kDiscard,  // nothing to deliver: read payload_bytes() and drop them
+    kInPlace,  // straight into the transfer's reserved blocks; verified at FinishLayer
+    kStaged,   // into staging memory; verified, then written into the store, at FinishLayer
+  };
+
+  IncomingLayer() = default;
+  // A frame still in progress is abandoned (KvLanding::AbandonLayer, kPeerDisconnected).
+  ~IncomingLayer();
+  IncomingLayer(const IncomingLayer&) = delete;
+  IncomingLayer& operator=(const IncomingLayer&) = delete;
+
+  Mode mode() const { return mode_; }
+  // K + V bytes of the frame in progress, and how many of them have been Received().
+  uint64_t payload_bytes() const { return payload_bytes_; }
+  uint64_t received_bytes() const { return received_; }
+  bool complete() const { return received_ == payload_bytes_; }
+
+  // Fills `out` with up to out.size() spans (in order) where the next payload bytes go, at most
+  // `max_bytes` in all; returns how many spans it filled (0 when complete or kDiscard/kIdle).
+  size_t NextBuffers(std::span<std::span<std::byte>> out, size_t max_bytes) const;
+  // The next `n` payload bytes (n <= payload_bytes() - received_bytes()) have been written, in
+  // order, where NextBuffers said. They are hashed now, while still hot in cache.
+  void Received(size_t n);
+
+ private:
+  friend class KvLanding;
+  void Reset();
+
+  KvLanding* landing_ = nullptr;
+  std::shared_ptr<KvLanding::Transfer> transfer_;  // set in kInPlace/kStaged
+  Mode mode_ = Mode::kIdle;
+  LayerHeader header_;
+  int32_t layer_ = 0;
+  int64_t first_position_ = 0;  // sequence position of the frame's first token
+  uint64_t payload_bytes_ = 0;
+  uint64_t received_ = 0;
+  // Destination of the payload, in order; cursor (region_, offset_) at byte received_.
+  std::vector<std::span<std::byte>> regions_;
+  size_t region_ = 0;
+  size_t offset_ = 0;
+  std::unique_ptr<std::byte[]> staging_;
+  size_t staging_bytes_ = 0;
+  bool write_held_ = false;  // between AcquireLayerWrite and ReleaseLayerWrite
+  LayerChecksumStream checksum_;
 };
 
 }  // namespace tandem

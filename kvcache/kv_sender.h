@@ -24,6 +24,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -126,12 +127,19 @@ class SendSequencer {
   int32_t layers_complete_ = 0;
 };
 
+// How ForEachLayerFrame fills LayerFrame::checksum.
+enum class FrameChecksum {
+  kCompute,   // LayerChecksum(k, v), on the calling thread
+  kDeferred,  // left 0: the caller computes it later (e.g. its I/O thread, just before the
+              // payload is written, while the kernel copy is about to read the same bytes)
+};
+
 // Splits a slice into LAYER frames whose K+V payload is at most `max_payload_bytes` (but at least
-// one token) and calls fn(const LayerFrame&) -> bool for each, checksum filled in. Stops early and
-// returns false when fn returns false.
+// one token) and calls fn(const LayerFrame&) -> bool for each, checksum filled in as `checksum`
+// says. Stops early and returns false when fn returns false.
 template <typename Fn>
 bool ForEachLayerFrame(uint64_t transfer_id, const LayerSlice& slice, uint64_t token_bytes,
-                       uint64_t max_payload_bytes, Fn&& fn) {
+                       uint64_t max_payload_bytes, FrameChecksum checksum, Fn&& fn) {
   const int64_t per_frame = static_cast<int64_t>(
       std::max<uint64_t>(1, max_payload_bytes / std::max<uint64_t>(1, 2 * token_bytes)));
   const auto* k = static_cast<const std::byte*>(slice.k);
@@ -145,11 +153,18 @@ bool ForEachLayerFrame(uint64_t transfer_id, const LayerSlice& slice, uint64_t t
     f.token_count = static_cast<uint32_t>(n);
     f.k = std::span<const std::byte>(k + done * token_bytes, n * token_bytes);
     f.v = std::span<const std::byte>(v + done * token_bytes, n * token_bytes);
-    f.checksum = LayerChecksum(f.k, f.v);
+    f.checksum = checksum == FrameChecksum::kCompute ? LayerChecksum(f.k, f.v) : 0;
     if (!fn(f)) return false;
     done += n;
   }
   return true;
+}
+
+template <typename Fn>
+bool ForEachLayerFrame(uint64_t transfer_id, const LayerSlice& slice, uint64_t token_bytes,
+                       uint64_t max_payload_bytes, Fn&& fn) {
+  return ForEachLayerFrame(transfer_id, slice, token_bytes, max_payload_bytes,
+                           FrameChecksum::kCompute, std::forward<Fn>(fn));
 }
 
 }  // namespace internal

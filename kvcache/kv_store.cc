@@ -71,6 +71,35 @@ absl::Status HostKvStore::WriteTokens(int32_t layer, std::span<const BlockId> ta
   return absl::OkStatus();
 }
 
+bool HostKvStore::InPlaceRegions(int32_t layer, std::span<const BlockId> table, int64_t first_token,
+                                 int64_t n, DType src, std::vector<std::span<std::byte>>* out) {
+  if (src != layout_.dtype || n <= 0 ||
+      !ValidateTokenRange(layout_, layer, table, first_token, n).ok()) {
+    return false;
+  }
+  const size_t tok_bytes = layout_.geometry.token_elems() * DTypeSize(layout_.dtype);
+  for (const bool k_plane : {true, false}) {
+    const size_t first_run = out->size();
+    int64_t t = first_token;
+    const int64_t end = first_token + n;
+    while (t < end) {
+      const BlockId b = table[t / layout_.block_size];
+      const int64_t slot = t % layout_.block_size;
+      const int64_t run = std::min<int64_t>(end - t, layout_.block_size - slot);
+      std::byte* p = (k_plane ? KBlock(layer, b) : VBlock(layer, b)) + slot * tok_bytes;
+      const size_t bytes = run * tok_bytes;
+      // Consecutive block ids are adjacent in memory (same layer): extend the previous run.
+      if (out->size() > first_run && out->back().data() + out->back().size() == p) {
+        out->back() = std::span<std::byte>(out->back().data(), out->back().size() + bytes);
+      } else {
+        out->emplace_back(p, bytes);
+      }
+      t += run;
+    }
+  }
+  return true;
+}
+
 absl::Status HostKvStore::ReadTokens(int32_t layer, std::span<const BlockId> table,
                                      int64_t first_token, int64_t n, DType dst, void* k,
                                      void* v) const {

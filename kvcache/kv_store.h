@@ -1,10 +1,10 @@
 // Paged KV memory: where a pool's blocks physically live, and conversion from/to the canonical
 // (wire) layout.
 //
-// Canonical layout of one layer's K (and likewise V) for a token range: [tokens][kv_heads][head_dim],
-// little-endian, elements of a tagged dtype. Paged layout of a store: per layer, per block,
-// [block_size][kv_heads][head_dim]. Token t of a sequence lives in block table[t / block_size] at
-// slot t % block_size.
+// Canonical layout of one layer's K (and likewise V) for a token range:
+// [tokens][kv_heads][head_dim], little-endian, elements of a tagged dtype. Paged layout of a store:
+// per layer, per block, [block_size][kv_heads][head_dim]. Token t of a sequence lives in block
+// table[t / block_size] at slot t % block_size.
 #pragma once
 
 #include <cstddef>
@@ -51,6 +51,20 @@ class KvStore {
   virtual absl::Status ReadTokens(int32_t layer, std::span<const BlockId> table,
                                   int64_t first_token, int64_t n, DType dst, void* k,
                                   void* v) const = 0;
+
+  // For writers that fill a token range in place (a transport reading a payload straight from
+  // its socket) instead of handing a finished buffer to WriteTokens: appends to `out` the host
+  // memory that tokens [first_token, first_token + n) of `layer` occupy, as the canonical
+  // payload K || V maps onto it: first the runs of K slots in token order, then those of V. Bytes
+  // copied into these spans in order land exactly as WriteTokens(..., src, k, v) would put them.
+  // Possible only when the store holds `src` dtype in host memory; returns false otherwise (or
+  // when the range is invalid), leaving `out` unchanged: stage the bytes and call WriteTokens.
+  // The spans stay valid as long as the store.
+  virtual bool InPlaceRegions(int32_t /*layer*/, std::span<const BlockId> /*table*/,
+                              int64_t /*first_token*/, int64_t /*n*/, DType /*src*/,
+                              std::vector<std::span<std::byte>>* /*out*/) {
+    return false;
+  }
 };
 
 // Checks that `table` covers tokens [first_token, first_token+n) and that its ids are valid for a
@@ -68,6 +82,9 @@ class HostKvStore final : public KvStore {
                            int64_t n, DType src, const void* k, const void* v) override;
   absl::Status ReadTokens(int32_t layer, std::span<const BlockId> table, int64_t first_token,
                           int64_t n, DType dst, void* k, void* v) const override;
+  // Runs of consecutive block ids are merged into one span.
+  bool InPlaceRegions(int32_t layer, std::span<const BlockId> table, int64_t first_token, int64_t n,
+                      DType src, std::vector<std::span<std::byte>>* out) override;
 
   // Start of one block of one layer: [block_size][kv_heads][head_dim] elements of layout().dtype.
   std::byte* KBlock(int32_t layer, BlockId block) { return k_.get() + Offset(layer, block); }
@@ -79,7 +96,9 @@ class HostKvStore final : public KvStore {
     return v_.get() + Offset(layer, block);
   }
   size_t block_bytes() const { return block_bytes_; }
-  size_t total_bytes() const { return 2 * block_bytes_ * layout_.num_blocks * layout_.geometry.num_layers; }
+  size_t total_bytes() const {
+    return 2 * block_bytes_ * layout_.num_blocks * layout_.geometry.num_layers;
+  }
 
  private:
   size_t Offset(int32_t layer, BlockId block) const {

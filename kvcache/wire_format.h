@@ -204,8 +204,24 @@ struct ResultFrame {
 
 using Frame = std::variant<HelloFrame, BeginFrame, LayerFrame, EndFrame, AbortFrame, ResultFrame>;
 
-// XXH3-64 (seed 0) of K || V, as carried in LAYER.
+// XXH3-64 (seed 0) of K || V, as carried in LAYER. On x86-64 the widest vector unit of the CPU is
+// picked at run time (AVX-512/AVX2/SSE2), whatever the build targets.
 uint64_t LayerChecksum(std::span<const std::byte> k, std::span<const std::byte> v);
+
+// The same checksum fed piecewise, for code that verifies (or produces) a payload while it is
+// still hot in cache: Update() with consecutive pieces of K || V, in order, then Digest().
+// No allocation; reusable after Reset().
+class LayerChecksumStream {
+ public:
+  LayerChecksumStream() { Reset(); }
+  void Reset();
+  void Update(std::span<const std::byte> bytes);
+  uint64_t Digest() const;
+
+ private:
+  // An XXH3_state_t (xxhash.h stays out of this header; the .cc checks size and alignment).
+  alignas(64) unsigned char state_[576];
+};
 
 // ---- Encoding. EncodedSize is the whole frame (header + body). Encode writes exactly that many
 // bytes into `out` (which must be at least that large) and returns the count. Text and auth longer
@@ -225,6 +241,9 @@ size_t Encode(const ResultFrame& f, std::span<std::byte> out);
 // LAYER without its payload: the kLayerPrefixBytes that precede K, for scatter-gather writes
 // (prefix, K, V) straight from the caller's buffers. f.k/f.v sizes must be equal.
 void EncodeLayerPrefix(const LayerFrame& f, std::span<std::byte, kLayerPrefixBytes> out);
+// Overwrites the checksum field of an encoded LAYER prefix, for senders that compute it just
+// before the frame goes out (when the payload is about to be read by the kernel anyway).
+void SetLayerPrefixChecksum(std::span<std::byte, kLayerPrefixBytes> prefix, uint64_t checksum);
 // Largest text an ABORT/RESULT frame can carry, for fixed-size encode buffers.
 inline constexpr size_t kMaxControlFrameBytes =
     kFrameHeaderBytes + kResultFixedBytes + kMaxTextBytes;
@@ -243,6 +262,21 @@ absl::StatusOr<Frame> DecodeFrameBody(FrameType type, std::span<const std::byte>
 // Header + body of one complete frame that is exactly `frame.size()` bytes.
 absl::StatusOr<Frame> Decode(std::span<const std::byte> frame,
                              uint32_t max_frame_bytes = kDefaultMaxFrameBytes);
+// A LAYER body's fixed part, decoded before its payload has been read, for receivers that read
+// K and V straight into their destination (kvcache/kv_landing.h, KvLanding::BeginLayer).
+struct LayerHeader {
+  uint64_t transfer_id = 0;
+  uint32_t layer = 0;
+  uint32_t token_count = 0;
+  uint64_t first_token = 0;
+  uint64_t tensor_bytes = 0;  // of K, and of V; the payload that follows is twice this
+  uint64_t checksum = 0;
+};
+// Decodes the kLayerFixedBytes at the start of `fixed` of a LAYER body that is `body_bytes` long
+// in total. Applies exactly the checks DecodeFrameBody applies to a whole LAYER body.
+absl::StatusOr<LayerHeader> DecodeLayerHeader(std::span<const std::byte> fixed,
+                                              uint64_t body_bytes);
+
 // The transfer a body is about (first 8 bytes of BEGIN/LAYER/END/ABORT/RESULT), if long enough;
 // lets a receiver blame the right transfer for a body that fails to decode.
 std::optional<uint64_t> PeekTransferId(FrameType type, std::span<const std::byte> body);

@@ -22,12 +22,15 @@ class Service;
 
 namespace tandem {
 
+class WorkerMetrics;
+
 struct PrefillWorkerOptions {
   EngineOptions engine;
   KvClientOptions kv;  // data-plane sender (HELLO auth, TLS, timeouts)
   std::string name;    // WorkerInfo.name; empty = the gRPC address
   std::string model_name;
-  uint64_t incarnation_id = 0;  // 0: a random one
+  uint64_t incarnation_id = 0;       // 0: a random one
+  WorkerMetrics* metrics = nullptr;  // not owned; null: no metrics
 };
 
 class PrefillWorker {
@@ -51,6 +54,8 @@ class PrefillWorker {
 
   int32_t free_blocks() const;  // free KV blocks (prefix-cached blocks count as free)
   int32_t total_blocks() const;
+  // BlockPool::CheckInvariants of the KV pool: "" when consistent.
+  std::string CheckKvInvariants() const;
 
   class Impl;
 

@@ -8,6 +8,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -20,6 +21,8 @@ class Service;
 }
 
 namespace tandem {
+
+class RouterMetrics;
 
 struct StaticWorker {
   std::string address;  // gRPC "host:port"; the router polls Worker.GetInfo there
@@ -37,6 +40,7 @@ struct RouterOptions {
   int max_attempts = 3;    // dispatch attempts per request (first one included)
   std::chrono::milliseconds request_timeout{0};  // 0: only the client's deadline applies
   bool disaggregated = true;  // false: decode workers prefill locally (colocated mode)
+  RouterMetrics* metrics = nullptr;  // not owned; null: no metrics
 };
 
 // A worker as the router sees it (tests, metrics).
@@ -58,11 +62,19 @@ class Router {
   std::vector<grpc::Service*> services();  // Tandem and Registry; owned by this
 
   std::vector<WorkerView> Workers() const;
+  // Waits until `pred` holds for Workers() (true) or `timeout` passed (false); e.g. for the first
+  // decode worker to register. `pred` runs under the registry's lock: keep it short.
+  bool AwaitWorkers(const std::function<bool(const std::vector<WorkerView>&)>& pred,
+                    std::chrono::milliseconds timeout) const;
   // New Generate calls get UNAVAILABLE "draining"; running ones go on.
   void StartDrain();
   bool draining() const;
   int in_flight() const;  // Generate calls not finished (queued + running)
-  // Cancels every call and stops the background threads. Idempotent.
+  // Waits until `pred(in_flight())` holds (true) or `timeout` passed (false); e.g. a drain
+  // waiting for 0. `pred` runs under a lock: keep it short.
+  bool AwaitInFlight(const std::function<bool(int)>& pred, std::chrono::milliseconds timeout) const;
+  // Cancels every call and stops the background threads. Idempotent. The gRPC server serving
+  // services() must stop before the Router is destroyed.
   void Shutdown();
 
   class Impl;

@@ -1,10 +1,13 @@
 // The `tandem` binary: command-line parsing for every subcommand (CLI11 stays in this file).
 #include <CLI/CLI.hpp>
+#include <yaml-cpp/yaml.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <string>
 
 #include "engine/version.h"
+#include "server/daemon.h"
 #include "server/offline_commands.h"
 
 #ifndef TANDEM_DEFAULT_MODEL_DIR
@@ -25,8 +28,91 @@ void AddEngineFlags(CLI::App* cmd, tandem::EngineOptions& e, std::string& kv_dty
   cmd->add_option("--threads", e.num_threads, "CPU threads (0: all)")->capture_default_str();
   cmd->add_option("--max-batch-tokens", e.max_batch_tokens, "Tokens per step")
       ->capture_default_str();
+  cmd->add_option("--max-num-seqs", e.max_num_seqs, "Sequences holding KV at once")
+      ->capture_default_str();
   cmd->add_option("--max-model-len", e.max_model_len, "Context length (0: the model's)");
   cmd->add_flag("--no-prefix-cache", no_prefix_cache, "Disable the prefix cache");
+}
+
+// --config FILE.yaml for the daemons: a YAML map whose keys are the flag names with '_' or '-'
+// (`grpc_port: 0`, `decode_workers: [a:1, b:2]`). Flags on the command line win.
+class YamlConfig : public CLI::Config {
+ public:
+  std::string to_config(const CLI::App*, bool, bool, std::string) const override { return {}; }
+
+  std::vector<CLI::ConfigItem> from_config(std::istream& input) const override {
+    std::vector<CLI::ConfigItem> items;
+    YAML::Node root;
+    try {
+      root = YAML::Load(input);
+    } catch (const YAML::Exception& e) {
+      throw CLI::ParseError(std::string("--config: ") + e.what(), CLI::ExitCodes::InvalidError);
+    }
+    if (root.IsNull()) {
+      return items;
+    }
+    if (!root.IsMap()) {
+      throw CLI::ParseError("--config: the file must be a YAML map of flag: value",
+                            CLI::ExitCodes::InvalidError);
+    }
+    for (const auto& kv : root) {
+      CLI::ConfigItem item;
+      item.name = kv.first.as<std::string>();
+      std::replace(item.name.begin(), item.name.end(), '_', '-');
+      const YAML::Node& v = kv.second;
+      if (v.IsSequence()) {
+        for (const auto& e : v) item.inputs.push_back(e.as<std::string>());
+      } else if (v.IsScalar()) {
+        item.inputs.push_back(v.as<std::string>());
+      } else {
+        throw CLI::ParseError("--config: '" + item.name + "' must be a value or a list",
+                              CLI::ExitCodes::InvalidError);
+      }
+      items.push_back(std::move(item));
+    }
+    return items;
+  }
+};
+
+void AddDaemonFlags(CLI::App* cmd, tandem::DaemonFlags& d, bool router, bool worker) {
+  cmd->set_config("--config", "", "YAML file of flag: value (flags given here win)");
+  cmd->config_formatter(std::make_shared<YamlConfig>());
+  cmd->add_option("--model-name", d.model_name, "Served model name (default: folder name)");
+  cmd->add_option("--bind", d.bind_address, "Address to listen on")->capture_default_str();
+  cmd->add_option("--grpc-port", d.grpc_port, "gRPC port (0: pick a free one)")
+      ->capture_default_str();
+  cmd->add_option("--drain-grace-s", d.drain_grace_s, "Seconds in-flight work gets on SIGTERM")
+      ->capture_default_str();
+  cmd->add_option("--metrics-port", d.metrics_port,
+                  "Prometheus /metrics port (0: pick a free one, -1: off)")
+      ->capture_default_str();
+  if (worker) {
+    cmd->add_option("--router", d.router, "Router address to register with");
+    cmd->add_option("--name", d.name, "Worker name (default: its gRPC address)");
+    cmd->add_option("--kv-port", d.kv_port, "Decode: KV data-plane port (0: pick)");
+    cmd->add_option("--kv-advertise-host", d.kv_advertise_host,
+                    "Decode: host prefill workers dial (default: --bind)");
+    cmd->add_option("--kv-secret", d.kv_secret, "Shared data-plane HELLO secret");
+    cmd->add_option("--transfer-timeout-ms", d.transfer_timeout_ms,
+                    "Decode: how long a landing ticket waits for its KV")
+        ->capture_default_str();
+  }
+  if (router) {
+    cmd->add_option("--prefill-worker", d.prefill_workers, "Static prefill worker (repeatable)");
+    cmd->add_option("--decode-worker", d.decode_workers, "Static decode worker (repeatable)");
+    cmd->add_option("--max-running", d.max_running, "Requests dispatched at once")
+        ->capture_default_str();
+    cmd->add_option("--max-queued", d.max_queued, "Requests waiting; beyond: RESOURCE_EXHAUSTED")
+        ->capture_default_str();
+    cmd->add_option("--max-attempts", d.max_attempts, "Dispatch attempts per request")
+        ->capture_default_str();
+    cmd->add_option("--request-timeout-ms", d.request_timeout_ms, "0: the client's deadline only");
+    cmd->add_option("--heartbeat-interval-ms", d.heartbeat_interval_ms, "Worker heartbeat period")
+        ->capture_default_str();
+    cmd->add_option("--missed-heartbeats", d.missed_heartbeats, "Then a worker is evicted")
+        ->capture_default_str();
+    cmd->add_flag("--colocated", d.colocated, "Decode workers prefill locally");
+  }
 }
 
 void AddSamplingFlags(CLI::App* cmd, tandem::SamplingParams& s) {
@@ -88,7 +174,63 @@ int main(int argc, char** argv) {
   make_model->add_option("--seed", mk.seed, "Weight seed")->capture_default_str();
   make_model->add_option("--layers", mk.layers, "Override the layer count");
 
+  // Daemons.
+  tandem::DaemonFlags serve_f, router_f, prefill_f, decode_f;
+  auto* serve = app.add_subcommand("serve", "All roles in one process (router + prefill + decode)");
+  auto* router = app.add_subcommand("router", "Front door: gRPC API, admission, scheduling");
+  auto* prefill = app.add_subcommand("prefill", "Prefill worker: prompts, KV sent to decode");
+  auto* decode = app.add_subcommand("decode", "Decode worker: KV receiver, continuous batching");
+  struct DaemonCmd {
+    CLI::App* cmd;
+    tandem::DaemonFlags* flags;
+    bool router;
+    bool worker;
+  };
+  const DaemonCmd daemons[] = {{serve, &serve_f, true, true},
+                               {router, &router_f, true, false},
+                               {prefill, &prefill_f, false, true},
+                               {decode, &decode_f, false, true}};
+  for (const DaemonCmd& d : daemons) {
+    AddEngineFlags(d.cmd, d.flags->engine, d.flags->kv_dtype, d.flags->kv_cache_mb,
+                   d.flags->no_prefix_cache);
+    AddDaemonFlags(d.cmd, *d.flags, d.router, d.worker);
+  }
+  serve_f.grpc_port = 50051;
+
+  tandem::ClientFlags cl;
+  auto* client = app.add_subcommand("client", "Send one streaming Generate request to a router");
+  client->add_option("--router", cl.router, "Router address")->capture_default_str();
+  client->add_option("--model", cl.model, "Model name (default: the served one)");
+  std::string cl_prompt;
+  auto* cl_prompt_opt = client->add_option("--prompt", cl_prompt, "Prompt text");
+  auto* cl_ids_opt =
+      client->add_option("--token-ids", cl.token_ids, "Prompt token ids")->delimiter(',');
+  cl_prompt_opt->excludes(cl_ids_opt);
+  bool cl_no_special = false;
+  client->add_flag("--no-special", cl_no_special, "Do not add BOS when tokenizing --prompt");
+  AddSamplingFlags(client, cl.sampling);
+  client->add_flag("--json", cl.json, "One JSON object per message, then a summary");
+  client->add_option("--timeout-s", cl.timeout_s, "Deadline")->capture_default_str();
+
   CLI11_PARSE(app, argc, argv);
+
+  for (const DaemonCmd& d : daemons) {
+    if (!d.cmd->parsed()) continue;
+    if (absl::Status st = tandem::ResolveEngineFlags(*d.flags); !st.ok()) {
+      std::fprintf(stderr, "error: %s\n", std::string(st.message()).c_str());
+      return 2;
+    }
+    if (d.cmd == serve) return tandem::RunServe(*d.flags);
+    if (d.cmd == router) return tandem::RunRouter(*d.flags);
+    if (d.cmd == prefill) return tandem::RunPrefill(*d.flags);
+    return tandem::RunDecode(*d.flags);
+  }
+  if (client->parsed()) {
+    if (!cl_prompt.empty()) cl.prompt = cl_prompt;
+    cl.add_special = !cl_no_special;
+    cl.max_tokens_set = client->get_option("--max-tokens")->count() > 0;
+    return tandem::RunClient(cl);
+  }
 
   if (generate->parsed()) {
     if (gen_prompt.empty() && gen.token_ids.empty()) {

@@ -4,6 +4,8 @@
 // ratio, and the time from the last layer's SendLayer to the receiver's completion.
 //
 //   kv_transfer_bench [--json] [--reps N] [--sizes-mib 64,256,1024] [--frame-kib 2048]
+#include <sys/resource.h>
+
 #include <algorithm>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
@@ -42,6 +44,19 @@ struct Flags {
 
 double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
 
+// CPU seconds (user + system, every thread) this process has used so far.
+double ProcessCpuSeconds() {
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
+  return ru.ru_utime.tv_sec + ru.ru_stime.tv_sec +
+         1e-6 * (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
+}
+
+struct Timed {
+  double seconds = 0;
+  double cpu_seconds = 0;  // process CPU time over the same interval
+};
+
 // The same completion condition as the transport (one system call per frame where the kernel
 // allows), so that the baseline is as good a raw copy as the transport's own I/O.
 struct AllAtOnce {
@@ -78,7 +93,7 @@ struct Source {
 // with one gather write per frame and read back exactly as KvServer reads (prefix, then body).
 // `one_call_per_frame`: the transport's own I/O pattern (AllAtOnce); false: Asio's defaults
 // (transfer_all, at most 64 KiB per system call).
-double RawCopySeconds(const Source& src, uint64_t frame_payload, bool one_call_per_frame) {
+Timed RawCopy(const Source& src, uint64_t frame_payload, bool one_call_per_frame) {
   asio::io_context io;
   asio::ip::tcp::acceptor acceptor(io, {asio::ip::make_address("127.0.0.1"), 0});
   const auto ep = acceptor.local_endpoint();
@@ -116,6 +131,7 @@ double RawCopySeconds(const Source& src, uint64_t frame_payload, bool one_call_p
   w.set_option(asio::ip::tcp::no_delay(true));
   ready.get_future().wait();
   std::array<std::byte, kLayerPrefixBytes> prefix{};
+  const double cpu0 = ProcessCpuSeconds();
   const auto t0 = Clock::now();
   for (int l = 0; l < kLlama3_8B.num_layers; ++l) {
     for (int64_t first = 0; first < src.tokens; first += tokens_per_frame) {
@@ -136,13 +152,15 @@ double RawCopySeconds(const Source& src, uint64_t frame_payload, bool one_call_p
   char ack = 0;
   asio::read(w, asio::buffer(&ack, 1));
   const auto t1 = Clock::now();
+  const double cpu1 = ProcessCpuSeconds();
   reader.join();
-  return Seconds(t1 - t0);
+  return Timed{Seconds(t1 - t0), cpu1 - cpu0};
 }
 
 struct KvRun {
   double seconds = 0;
-  double tail_us = 0;  // last SendLayer call -> receiver completion
+  double cpu_seconds = 0;  // process CPU time from Begin to the receiver's completion
+  double tail_us = 0;      // last SendLayer call -> receiver completion
 };
 
 // One transfer of every layer through KvClient -> KvServer -> KvLanding -> HostKvStore.
@@ -183,6 +201,7 @@ KvRun KvTransfer(KvClient& client, KvLanding& landing, BlockPool& pool, const st
   s.token_count = src.tokens;
   s.deadline = Clock::now() + std::chrono::minutes(2);
   std::promise<void> acked;
+  const double cpu0 = ProcessCpuSeconds();
   const auto t0 = Clock::now();
   auto t = client.Begin(s, [&](const TransferAck&) { acked.set_value(); });
   if (!t.ok()) std::exit(1);
@@ -194,9 +213,10 @@ KvRun KvTransfer(KvClient& client, KvLanding& landing, BlockPool& pool, const st
   }
   if (!(*t)->Finish(128000, -0.1f).ok()) std::exit(1);
   const Clock::time_point done = landed.get_future().get();
+  const double cpu1 = ProcessCpuSeconds();
   acked.get_future().wait();
   pool.Release(*table);
-  return KvRun{Seconds(done - t0),
+  return KvRun{Seconds(done - t0), cpu1 - cpu0,
                std::chrono::duration<double, std::micro>(done - last_send).count()};
 }
 
@@ -249,8 +269,9 @@ int Main(int argc, char** argv) {
   uint64_t id = 1;
 
   if (!flags.json) {
-    std::printf("%-10s %9s %9s %7s %14s %8s %14s %16s\n", "size", "kv GB/s", "raw GB/s", "ratio",
-                "raw(asio-def)", "ratio", "tail paced us", "tail backlog us");
+    std::printf("%-10s %9s %9s %7s %14s %8s %14s %16s %10s %10s\n", "size", "kv GB/s", "raw GB/s",
+                "ratio", "raw(asio-def)", "ratio", "tail paced us", "tail backlog us", "kv cpu/GB",
+                "raw cpu/GB");
   }
   for (uint64_t mib : flags.sizes_mib) {
     const int64_t tokens = static_cast<int64_t>((mib << 20) / per_token);
@@ -258,23 +279,32 @@ int Main(int argc, char** argv) {
     const uint64_t bytes = tokens * per_token;
     // Warm-up: connection, page faults in the store and the receive buffer.
     KvTransfer(**client, landing, pool, addr, src, id++, {});
-    RawCopySeconds(src, co.max_frame_payload_bytes, true);
+    RawCopy(src, co.max_frame_payload_bytes, true);
     // Raw and KV runs alternate so that both see the same machine load; the ratio is the median
     // of the per-pair ratios (robust to load bursts on a shared machine), the GB/s are best-of.
+    // CPU time per GB (medians) says how much work each path costs, which a busy machine
+    // disturbs much less than wall time.
     double best_kv = 1e30, best_raw = 1e30, best_raw_default = 1e30, tail_backlog = 1e30;
-    std::vector<double> pair_ratios;
+    std::vector<double> pair_ratios, kv_cpu, raw_cpu;
     for (int r = 0; r < flags.reps; ++r) {
       best_raw_default =
-          std::min(best_raw_default, RawCopySeconds(src, co.max_frame_payload_bytes, false));
-      const double raw = RawCopySeconds(src, co.max_frame_payload_bytes, true);
+          std::min(best_raw_default, RawCopy(src, co.max_frame_payload_bytes, false).seconds);
+      const Timed raw = RawCopy(src, co.max_frame_payload_bytes, true);
       const KvRun run = KvTransfer(**client, landing, pool, addr, src, id++, {});
-      best_raw = std::min(best_raw, raw);
+      best_raw = std::min(best_raw, raw.seconds);
       best_kv = std::min(best_kv, run.seconds);
       tail_backlog = std::min(tail_backlog, run.tail_us);
-      pair_ratios.push_back(raw / run.seconds);
+      pair_ratios.push_back(raw.seconds / run.seconds);
+      raw_cpu.push_back(raw.cpu_seconds / (bytes / 1e9));
+      kv_cpu.push_back(run.cpu_seconds / (bytes / 1e9));
     }
-    std::sort(pair_ratios.begin(), pair_ratios.end());
-    const double ratio = pair_ratios[pair_ratios.size() / 2];
+    auto median = [](std::vector<double> v) {
+      std::sort(v.begin(), v.end());
+      return v[v.size() / 2];
+    };
+    const double ratio = median(pair_ratios);
+    const double kv_cpu_per_gb = median(kv_cpu);
+    const double raw_cpu_per_gb = median(raw_cpu);
     const double kv_gbps = bytes / best_kv / 1e9;
     const double raw_gbps = bytes / best_raw / 1e9;
     const double raw_default_gbps = bytes / best_raw_default / 1e9;
@@ -294,15 +324,17 @@ int Main(int argc, char** argv) {
           "\"dtype\": \"bf16\", \"frame_payload_bytes\": %llu, \"gbps\": %.3f, "
           "\"raw_gbps\": %.3f, \"ratio\": %.3f, \"ratio_of_best\": %.3f, "
           "\"raw_asio_default_gbps\": %.3f, \"ratio_vs_asio_default\": %.3f, "
-          "\"tail_latency_us\": %.0f, \"tail_latency_backlogged_us\": %.0f, \"reps\": %d}\n",
+          "\"tail_latency_us\": %.0f, \"tail_latency_backlogged_us\": %.0f, "
+          "\"cpu_s_per_gb\": %.3f, \"raw_cpu_s_per_gb\": %.3f, \"reps\": %d}\n",
           static_cast<unsigned long long>(bytes), static_cast<long long>(tokens),
           static_cast<unsigned long long>(co.max_frame_payload_bytes), kv_gbps, raw_gbps, ratio,
           kv_gbps / raw_gbps, raw_default_gbps, kv_gbps / raw_default_gbps, tail_paced,
-          tail_backlog, flags.reps);
+          tail_backlog, kv_cpu_per_gb, raw_cpu_per_gb, flags.reps);
     } else {
-      std::printf("%-10s %9.3f %9.3f %7.3f %14.3f %8.3f %14.0f %16.0f\n",
+      std::printf("%-10s %9.3f %9.3f %7.3f %14.3f %8.3f %14.0f %16.0f %10.3f %10.3f\n",
                   (std::to_string(mib) + " MiB").c_str(), kv_gbps, raw_gbps, ratio,
-                  raw_default_gbps, kv_gbps / raw_default_gbps, tail_paced, tail_backlog);
+                  raw_default_gbps, kv_gbps / raw_default_gbps, tail_paced, tail_backlog,
+                  kv_cpu_per_gb, raw_cpu_per_gb);
     }
     std::fflush(stdout);
   }

@@ -12,6 +12,7 @@ PACKAGES=(
   libpcre2-dev libicu-dev
   clang-14 libclang-rt-14-dev
   hipcc libamdhip64-dev
+  prometheus
 )
 
 missing=()

@@ -38,6 +38,10 @@ constexpr size_t kHeadBytes = 160;
 constexpr size_t kMaxAbortText = kHeadBytes - kFrameHeaderBytes - kAbortFixedBytes;
 constexpr size_t kMaxBatchFrames = 64;
 constexpr size_t kMaxBatchBytes = 16u << 20;
+// A batch whose LAYER checksums are computed just before it is written stops growing at this
+// many bytes (but takes at least one frame): the hash pulls the payload into cache and the
+// kernel's copy into the socket should still find it there.
+constexpr size_t kMaxHashedBatchBytes = 1u << 20;
 constexpr uint32_t kMaxResultFrameBytes = 64u << 10;
 
 // Client-side state of one transfer. Fields marked (mu) are guarded by the owning connection's
@@ -71,6 +75,8 @@ struct OutFrame {
   std::shared_ptr<const void> keep_alive;
   std::shared_ptr<ClientTransfer> transfer;
   bool droppable = true;  // skipped once its transfer is done (all but ABORT)
+  // LAYER whose checksum is computed on the strand just before the frame is written.
+  bool checksum_pending = false;
   size_t bytes() const { return head_len + 2 * kv_len; }
 };
 
@@ -156,6 +162,7 @@ class ClientConnection final : public std::enable_shared_from_this<ClientConnect
         ring_(client.options_.max_queued_frames) {
     read_buf_.resize(kMaxResultFrameBytes);
     batch_.reserve(3 * kMaxBatchFrames);
+    to_hash_.reserve(kMaxBatchFrames);
     drop_.reserve(kMaxBatchFrames);
   }
 
@@ -218,6 +225,7 @@ class ClientConnection final : public std::enable_shared_from_this<ClientConnect
     EncodeLayerPrefix(lf,
                       std::span<std::byte, kLayerPrefixBytes>(f.head.data(), kLayerPrefixBytes));
     f.head_len = kLayerPrefixBytes;
+    f.checksum_pending = true;  // StartWrite
     f.k = lf.k.data();
     f.v = lf.v.data();
     f.kv_len = lf.k.size();
@@ -575,8 +583,8 @@ class ClientConnection final : public std::enable_shared_from_this<ClientConnect
         return;
       }
       size_t bytes = 0;
-      while (batch_frames_ < ring_.size() && batch_frames_ < kMaxBatchFrames &&
-             bytes < kMaxBatchBytes) {
+      size_t limit = kMaxBatchBytes;
+      while (batch_frames_ < ring_.size() && batch_frames_ < kMaxBatchFrames && bytes < limit) {
         OutFrame& f = ring_.at(batch_frames_);
         ++batch_frames_;
         batch_bytes_ += f.bytes();
@@ -588,6 +596,10 @@ class ClientConnection final : public std::enable_shared_from_this<ClientConnect
           batch_.emplace_back(f.k, f.kv_len);
           batch_.emplace_back(f.v, f.kv_len);
         }
+        if (f.checksum_pending) {
+          to_hash_.push_back(&f);
+          limit = std::min(limit, kMaxHashedBatchBytes);
+        }
         bytes += f.bytes();
       }
       if (batch_frames_ == 0) {
@@ -595,6 +607,18 @@ class ClientConnection final : public std::enable_shared_from_this<ClientConnect
         return;
       }
     }
+    // Frames stay put while writing_ is set (only OnWrite pops them), so they can be finished
+    // outside the lock. The checksum is computed here rather than in SendLayer: it stays off the
+    // caller's (prefill compute) thread, and it reads each payload just before the kernel copies
+    // it into the socket (the batch is kept small so that the bytes are still in cache).
+    for (OutFrame* f : to_hash_) {
+      SetLayerPrefixChecksum(
+          std::span<std::byte, kLayerPrefixBytes>(f->head.data(), kLayerPrefixBytes),
+          LayerChecksum(std::span<const std::byte>(f->k, f->kv_len),
+                        std::span<const std::byte>(f->v, f->kv_len)));
+      f->checksum_pending = false;
+    }
+    to_hash_.clear();
     if (batch_.empty()) {  // every frame in the batch was skipped
       OnWrite(error_code(), 0);
       return;
@@ -650,6 +674,7 @@ class ClientConnection final : public std::enable_shared_from_this<ClientConnect
   std::vector<std::byte> read_buf_;
   std::vector<std::byte> hello_;
   std::vector<asio::const_buffer> batch_;
+  std::vector<OutFrame*> to_hash_;  // frames of batch_ whose checksum is still to compute
   std::vector<std::shared_ptr<const void>> drop_;
   size_t batch_frames_ = 0;
   size_t batch_bytes_ = 0;
@@ -688,7 +713,7 @@ class TcpOutgoingTransfer final : public OutgoingTransfer {
     if (absl::Status s = t_->sequencer.Accept(slice); !s.ok()) return s;
     absl::Status status;
     internal::ForEachLayerFrame(t_->id, slice, t_->sequencer.token_bytes(), max_payload_,
-                                [&](const LayerFrame& f) {
+                                internal::FrameChecksum::kDeferred, [&](const LayerFrame& f) {
                                   status = conn_->EnqueueLayer(t_, f, slice.keep_alive);
                                   return status.ok();
                                 });

@@ -1,7 +1,9 @@
-// KV receiver over Boost.Asio: accept loop, per-connection framed reads into a reusable buffer,
-// RESULT writes with a timeout, and a periodic deadline reaper.
+// KV receiver over Boost.Asio: accept loop, per-connection framed reads (LAYER payloads straight
+// into the KV store, other frames into a reusable buffer), RESULT writes with a timeout, and a
+// periodic deadline reaper.
 #include "kvcache/transport/kv_server.h"
 
+#include <array>
 #include <atomic>
 #include <boost/asio/bind_executor.hpp>
 #include <boost/asio/io_context.hpp>
@@ -29,6 +31,13 @@ namespace {
 class ServerConnection;
 
 constexpr size_t kMaxQueuedResults = 4096;
+// LAYER payload reads: at most this many destination spans (Asio's per-call iovec limit) and
+// bytes per system call. Each read's bytes are hashed right after they land, so one read should
+// stay within the L2 cache.
+constexpr size_t kMaxReadSpans = 64;
+constexpr size_t kMaxPayloadReadBytes = 512u << 10;
+// Bytes one ReadPayload call reads before it yields the I/O thread to other connections.
+constexpr size_t kPayloadBytesPerTurn = 8u << 20;
 
 }  // namespace
 
@@ -80,6 +89,10 @@ class ServerConnection final : public ResultSink,
     ++server_.live_connections_;
     error_code ignored;
     stream_.socket().set_option(tcp::no_delay(true), ignored);
+    if (!stream_.is_tls()) {
+      // LAYER payloads are read synchronously once the socket is readable (ReadPayload).
+      stream_.socket().non_blocking(true, ignored);
+    }
     peer_ = server_.landing_.AttachPeer(shared_from_this());
     asio::dispatch(strand_, [self = shared_from_this()] { self->OnStart(); });
   }
@@ -133,7 +146,15 @@ class ServerConnection final : public ResultSink,
                                    : absl::StrCat("read failed: ", ec.message()));
       return;
     }
+    if (closed_) return;
     std::span<const std::byte> in(buf_.get(), kFrameHeaderBytes);
+    if (hello_done_ && !stream_.is_tls()) {
+      absl::StatusOr<FrameHeader> h = DecodeFrameHeader(in, decoder_.max_frame_bytes());
+      if (h.ok() && h->type == FrameType::kLayer && h->body_bytes >= kLayerFixedBytes) {
+        ReadLayerFixed(h->body_bytes);
+        return;
+      }
+    }
     RawFrame raw;
     absl::StatusOr<FrameDecoder::Result> r = decoder_.Next(in, &raw);
     if (!r.ok()) {
@@ -166,6 +187,100 @@ class ServerConnection final : public ResultSink,
       return;
     }
     HandleFrame(raw);
+  }
+
+  // ---- LAYER frames over plain TCP: fixed part, then the payload straight into place ----
+  // The landing decides where the payload goes (KvLanding::BeginLayer): into the transfer's
+  // reserved blocks (in place), into staging memory (dtype conversion), or nowhere (discard).
+  // The payload is read with non-blocking reads issued here, on the strand, once the socket is
+  // readable: each read is bracketed by AcquireLayerWrite/ReleaseLayerWrite (the blocks are held
+  // only while the kernel copies into them, never while the peer is silent), and its bytes are
+  // hashed as soon as they land, while still in cache. No frame buffer, no second copy.
+  // (TLS connections read whole frames into buf_ instead: the SSL layer decrypts into its own
+  // buffers and the copy out of them is not worth a second path.)
+  void ReadLayerFixed(uint32_t body_bytes) {
+    stream_.AsyncRead(asio::buffer(buf_.get() + kFrameHeaderBytes, kLayerFixedBytes),
+                      asio::bind_executor(
+                          strand_, [self = shared_from_this(), body_bytes](error_code ec, size_t) {
+                            self->OnLayerFixed(ec, body_bytes);
+                          }));
+  }
+
+  void OnLayerFixed(error_code ec, uint32_t body_bytes) {
+    if (ec) {
+      Close(absl::StrCat("connection lost mid-frame: ", ec.message()));
+      return;
+    }
+    if (closed_) return;
+    server_.landing_.BeginLayer(
+        peer_, std::span<const std::byte>(buf_.get() + kFrameHeaderBytes, kLayerFixedBytes),
+        body_bytes, &layer_);
+    discard_left_ = 0;
+    if (layer_.mode() == IncomingLayer::Mode::kDiscard) {
+      discard_left_ = layer_.payload_bytes();
+      server_.landing_.FinishLayer(&layer_);  // only resets it: nothing to deliver
+    }
+    ReadPayload();
+  }
+
+  // Reads what the socket has (up to the end of the frame), then waits for more.
+  void ReadPayload() {
+    tcp::socket& socket = stream_.socket();
+    for (size_t turn = 0;;) {
+      if (turn >= kPayloadBytesPerTurn) {
+        asio::post(strand_, [self = shared_from_this()] { self->OnPayloadReadable({}); });
+        return;
+      }
+      if (discard_left_ == 0 && layer_.complete()) {
+        // Verifies and commits (or ends the transfer); only resets `layer_` after a discard.
+        server_.landing_.FinishLayer(&layer_);
+        ReadHeader();
+        return;
+      }
+      error_code ec;
+      size_t got = 0;
+      if (discard_left_ > 0) {
+        got =
+            socket.read_some(asio::buffer(buf_.get(), std::min<uint64_t>(discard_left_, cap_)), ec);
+        discard_left_ -= got;
+      } else if (!server_.landing_.AcquireLayerWrite(&layer_)) {
+        // The transfer ended mid-payload (cancel, deadline): drop the rest of the frame.
+        discard_left_ = layer_.payload_bytes() - layer_.received_bytes();
+        server_.landing_.AbandonLayer(&layer_, TransferError::kCancelledByReceiver,
+                                      "transfer ended mid-payload");
+        continue;
+      } else {
+        const size_t n = layer_.NextBuffers(spans_, kMaxPayloadReadBytes);
+        for (size_t i = 0; i < n; ++i) {
+          iov_[i] = asio::mutable_buffer(spans_[i].data(), spans_[i].size());
+        }
+        got = socket.read_some(std::span<const asio::mutable_buffer>(iov_.data(), n), ec);
+        layer_.Received(got);
+        server_.landing_.ReleaseLayerWrite(&layer_);
+      }
+      turn += got;
+      if (ec == asio::error::would_block || ec == asio::error::try_again) {
+        socket.async_wait(tcp::socket::wait_read,
+                          asio::bind_executor(strand_, [self = shared_from_this()](error_code e) {
+                            self->OnPayloadReadable(e);
+                          }));
+        return;
+      }
+      if (ec) {
+        Close(ec == asio::error::eof ? "peer closed the connection mid-frame"
+                                     : absl::StrCat("connection lost mid-frame: ", ec.message()));
+        return;
+      }
+    }
+  }
+
+  void OnPayloadReadable(error_code ec) {
+    if (closed_) return;
+    if (ec) {
+      Close(absl::StrCat("connection lost mid-frame: ", ec.message()));
+      return;
+    }
+    ReadPayload();
   }
 
   void HandleFrame(const RawFrame& raw) {
@@ -260,6 +375,9 @@ class ServerConnection final : public ResultSink,
     handshake_timer_.cancel();
     write_timer_.cancel();
     --server_.live_connections_;
+    // A LAYER payload in progress ends its transfer. No read is writing into it: payload reads
+    // are synchronous, on this strand.
+    server_.landing_.AbandonLayer(&layer_, close_error_, why);
     // Ends the transfers bound to this connection and drops the landing's reference to us.
     server_.landing_.DetachPeer(peer_, why, close_error_);
   }
@@ -283,6 +401,10 @@ class ServerConnection final : public ResultSink,
   asio::steady_timer write_timer_;
   std::unique_ptr<std::byte[]> buf_;
   size_t cap_ = 0;
+  IncomingLayer layer_;
+  std::array<std::span<std::byte>, kMaxReadSpans> spans_;
+  std::array<asio::mutable_buffer, kMaxReadSpans> iov_;
+  uint64_t discard_left_ = 0;  // payload bytes of the current LAYER to read and drop
   PeerId peer_ = 0;
   bool hello_done_ = false;
   bool closed_ = false;

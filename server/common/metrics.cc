@@ -14,6 +14,8 @@
 #include <fstream>
 #include <sstream>
 
+#include "absl/synchronization/mutex.h"
+
 namespace tandem {
 namespace {
 
@@ -132,6 +134,77 @@ class ProcessCollector : public prometheus::Collectable {
   double start_time_ = 0;
 };
 
+// Router gauges computed at scrape time from a snapshot function.
+class RouterViewCollector : public prometheus::Collectable {
+ public:
+  void Set(const std::string& model, std::function<RouterSnapshot()> source) {
+    absl::MutexLock l(&mu_);
+    model_ = model;
+    source_ = std::move(source);
+  }
+
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    absl::MutexLock l(&mu_);
+    if (!source_) {
+      return {};
+    }
+    const RouterSnapshot snap = source_();
+    auto family = [](const char* name, const char* help) {
+      prometheus::MetricFamily f;
+      f.name = name;
+      f.help = help;
+      f.type = prometheus::MetricType::Gauge;
+      return f;
+    };
+    auto add = [](prometheus::MetricFamily& f, std::vector<prometheus::ClientMetric::Label> labels,
+                  double v) {
+      prometheus::ClientMetric m;
+      m.label = std::move(labels);
+      m.gauge.value = v;
+      f.metric.push_back(std::move(m));
+    };
+    std::vector<prometheus::MetricFamily> out;
+    struct Field {
+      const char* name;
+      const char* help;
+      double RouterSnapshot::Worker::*value;
+    };
+    static const Field kFields[] = {
+        {"tandem_worker_running_sequences", "Sequences holding KV on the worker (its last report).",
+         &RouterSnapshot::Worker::running},
+        {"tandem_worker_queued_prefill_tokens", "Prompt tokens queued on the worker (its last report).",
+         &RouterSnapshot::Worker::queued_prefill_tokens},
+        {"tandem_worker_kv_blocks_free", "Free KV blocks on the worker (its last report).",
+         &RouterSnapshot::Worker::free_blocks},
+        {"tandem_worker_kv_blocks_capacity", "KV blocks of the worker's pool.",
+         &RouterSnapshot::Worker::total_blocks},
+    };
+    prometheus::MetricFamily up = family("tandem_worker_up", "1 when the router considers the worker usable, else 0.");
+    for (const auto& w : snap.workers) {
+      add(up, {{"model", model_}, {"role", w.role}, {"worker", w.name}}, w.up ? 1 : 0);
+    }
+    out.push_back(std::move(up));
+    for (const Field& fd : kFields) {
+      prometheus::MetricFamily f = family(fd.name, fd.help);
+      for (const auto& w : snap.workers) {
+        add(f, {{"model", model_}, {"role", w.role}, {"worker", w.name}}, w.*fd.value);
+      }
+      out.push_back(std::move(f));
+    }
+    return out;
+  }
+
+ private:
+  mutable absl::Mutex mu_;
+  std::string model_;
+  std::function<RouterSnapshot()> source_;
+};
+
+void MetricsEndpoint::SetRouterView(const std::string& model,
+                                    std::function<RouterSnapshot()> source) {
+  router_view_->Set(model, std::move(source));
+}
+
 absl::StatusOr<std::unique_ptr<MetricsEndpoint>> MetricsEndpoint::Start(
     const std::string& bind_address, int port) {
   if (port < 0 || port > 65535) {
@@ -141,6 +214,7 @@ absl::StatusOr<std::unique_ptr<MetricsEndpoint>> MetricsEndpoint::Start(
   m->host_ = bind_address;
   m->registry_ = std::make_shared<prometheus::Registry>();
   m->process_ = std::make_shared<ProcessCollector>();
+  m->router_view_ = std::make_shared<RouterViewCollector>();
   try {
     m->exposer_ = std::make_unique<prometheus::Exposer>(bind_address + ":" + std::to_string(port));
   } catch (const std::exception& e) {
@@ -149,6 +223,7 @@ absl::StatusOr<std::unique_ptr<MetricsEndpoint>> MetricsEndpoint::Start(
   }
   m->exposer_->RegisterCollectable(m->registry_);
   m->exposer_->RegisterCollectable(m->process_);
+  m->exposer_->RegisterCollectable(m->router_view_);
   const auto ports = m->exposer_->GetListeningPorts();
   m->port_ = ports.empty() ? port : ports.front();
   return m;
@@ -181,7 +256,7 @@ const char* RequestOutcomeName(RequestOutcome o) {
   return "internal";
 }
 
-RouterMetrics::RouterMetrics(prometheus::Registry& r, const std::string& model) : model_(model) {
+RouterMetrics::RouterMetrics(prometheus::Registry& r, const std::string& model) {
   const prometheus::Labels m{{"model", model}};
   ttft_ = AddHistogram(r, "tandem_time_to_first_token_seconds",
                        "Time from request arrival to its first token, seen at the router.", m,
@@ -216,30 +291,12 @@ RouterMetrics::RouterMetrics(prometheus::Registry& r, const std::string& model) 
                   .Register(r);
   const char* reasons[3] = {"stop", "length", "abort"};
   for (int i = 0; i < 3; ++i) finished_[i] = &fin.Add({{"model", model}, {"finished_reason", reasons[i]}});
-  running_ = AddGauge(r, "tandem_num_requests_running", "Requests dispatched to workers.",
+  running_ = AddGauge(r, "tandem_num_requests_running",
+                      "Requests running (router: dispatched to workers; worker: holding KV).",
                       {{"model", model}, {"role", "router"}});
-  waiting_ = AddGauge(r, "tandem_num_requests_waiting", "Requests waiting for admission.",
+  waiting_ = AddGauge(r, "tandem_num_requests_waiting",
+                      "Requests waiting (router: for admission; worker: for KV or a batch slot).",
                       {{"model", model}, {"role", "router"}});
-  worker_up_ = &prometheus::BuildGauge()
-                    .Name("tandem_worker_up")
-                    .Help("1 when the router considers the worker usable, else 0.")
-                    .Register(r);
-  worker_running_ = &prometheus::BuildGauge()
-                         .Name("tandem_worker_running_sequences")
-                         .Help("Sequences holding KV on the worker (its last heartbeat).")
-                         .Register(r);
-  worker_queued_ = &prometheus::BuildGauge()
-                        .Name("tandem_worker_queued_prefill_tokens")
-                        .Help("Prompt tokens queued on the worker (its last heartbeat).")
-                        .Register(r);
-  worker_free_blocks_ = &prometheus::BuildGauge()
-                             .Name("tandem_worker_kv_blocks_free")
-                             .Help("Free KV blocks on the worker (its last heartbeat).")
-                             .Register(r);
-  worker_total_blocks_ = &prometheus::BuildGauge()
-                              .Name("tandem_worker_kv_blocks_total")
-                              .Help("KV blocks of the worker's pool.")
-                              .Register(r);
 }
 
 prometheus::Counter& RouterMetrics::finished(FinishReason reason) {
@@ -250,27 +307,6 @@ prometheus::Counter& RouterMetrics::finished(FinishReason reason) {
       return *finished_[1];
     default:
       return *finished_[2];
-  }
-}
-
-void RouterMetrics::SetWorker(const std::string& worker, const std::string& role, bool up,
-                              double running, double queued, double free_blocks,
-                              double total_blocks) {
-  const prometheus::Labels l{{"model", model_}, {"worker", worker}, {"role", role}};
-  absl::MutexLock lock(&mu_);
-  worker_up_->Add(l).Set(up ? 1 : 0);
-  worker_running_->Add(l).Set(running);
-  worker_queued_->Add(l).Set(queued);
-  worker_free_blocks_->Add(l).Set(free_blocks);
-  worker_total_blocks_->Add(l).Set(total_blocks);
-}
-
-void RouterMetrics::RemoveWorker(const std::string& worker, const std::string& role) {
-  const prometheus::Labels l{{"model", model_}, {"worker", worker}, {"role", role}};
-  absl::MutexLock lock(&mu_);
-  for (auto* fam : {worker_up_, worker_running_, worker_queued_, worker_free_blocks_,
-                    worker_total_blocks_}) {
-    if (fam->Has(l)) fam->Remove(&fam->Add(l));
   }
 }
 
@@ -308,10 +344,12 @@ WorkerMetrics::WorkerMetrics(prometheus::Registry& r, const std::string& role,
   prefix_hits_ = AddCounter(r, "tandem_prefix_cache_hits_total",
                             "Prompt KV blocks found in the prefix cache.", l);
   blocks_used_ = AddGauge(r, "tandem_kv_cache_blocks_used", "KV blocks in use.", l);
-  blocks_total_ = AddGauge(r, "tandem_kv_cache_blocks_total", "KV blocks of the pool.", l);
+  blocks_total_ = AddGauge(r, "tandem_kv_cache_blocks_capacity", "KV blocks of the pool.", l);
   usage_ = AddGauge(r, "tandem_kv_cache_usage_perc", "Fraction of KV blocks in use (0 to 1).", l);
-  running_ = AddGauge(r, "tandem_num_requests_running", "Sequences holding KV on this worker.", l);
-  waiting_ = AddGauge(r, "tandem_num_requests_waiting", "Sequences waiting on this worker.", l);
+  running_ = AddGauge(r, "tandem_num_requests_running",
+                      "Requests running (router: dispatched to workers; worker: holding KV).", l);
+  waiting_ = AddGauge(r, "tandem_num_requests_waiting",
+                      "Requests waiting (router: for admission; worker: for KV or a batch slot).", l);
   queued_prefill_ = AddGauge(r, "tandem_queued_prefill_tokens",
                              "Prompt tokens admitted but not yet computed.", l);
 }
@@ -341,6 +379,9 @@ void WorkerMetrics::ObserveStep(const StepStats& stats) {
   }
   if (stats.decode_tokens > 0) {
     decode_batch_size_->Observe(stats.decode_tokens);
+  }
+  if (stats.sampled > 0) {
+    engine_generation_tokens_->Increment(stats.sampled);
   }
   if (stats.preempted > 0) {
     preemptions_->Increment(stats.preempted);

@@ -5,13 +5,12 @@
 #pragma once
 
 #include <cstdint>
-#include <map>
+#include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
-#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
 #include "engine/engine.h"
 
 namespace prometheus {
@@ -26,6 +25,20 @@ class Family;
 
 namespace tandem {
 
+// The router's state as read at scrape time (no bookkeeping on the request path).
+struct RouterSnapshot {
+  struct Worker {
+    std::string name;
+    std::string role;  // "prefill" or "decode"
+    bool up = false;
+    double running = 0;
+    double queued_prefill_tokens = 0;
+    double free_blocks = 0;
+    double total_blocks = 0;
+  };
+  std::vector<Worker> workers;
+};
+
 // The /metrics HTTP endpoint of one process, with process metrics (CPU, memory, fds, start
 // time) included.
 class MetricsEndpoint {
@@ -37,11 +50,15 @@ class MetricsEndpoint {
   prometheus::Registry& registry() { return *registry_; }
   int port() const { return port_; }
   std::string address() const;
+  // Exposes the tandem_worker_* gauges, computed from `source` at every scrape. An empty function stops it (call that before the
+  // router goes away).
+  void SetRouterView(const std::string& model, std::function<RouterSnapshot()> source);
 
  private:
   MetricsEndpoint() = default;
   std::shared_ptr<prometheus::Registry> registry_;
   std::shared_ptr<class ProcessCollector> process_;
+  std::shared_ptr<class RouterViewCollector> router_view_;
   std::unique_ptr<prometheus::Exposer> exposer_;
   std::string host_;
   int port_ = 0;
@@ -77,13 +94,9 @@ class RouterMetrics {
   prometheus::Counter& outcome(RequestOutcome o) { return *outcome_[static_cast<int>(o)]; }
   // finish_reason "stop", "length", "abort".
   prometheus::Counter& finished(FinishReason r);
+  // Admission state; set whenever it changes.
   prometheus::Gauge& running() { return *running_; }
   prometheus::Gauge& waiting() { return *waiting_; }
-
-  // Per-worker view (set on every heartbeat or poll; not a hot path).
-  void SetWorker(const std::string& worker, const std::string& role, bool up, double load_running,
-                 double queued_prefill_tokens, double free_blocks, double total_blocks);
-  void RemoveWorker(const std::string& worker, const std::string& role);
 
  private:
   prometheus::Histogram* ttft_;
@@ -98,13 +111,6 @@ class RouterMetrics {
   prometheus::Counter* finished_[3];
   prometheus::Gauge* running_;
   prometheus::Gauge* waiting_;
-  std::string model_;
-  prometheus::Family<prometheus::Gauge>* worker_up_;
-  prometheus::Family<prometheus::Gauge>* worker_running_;
-  prometheus::Family<prometheus::Gauge>* worker_queued_;
-  prometheus::Family<prometheus::Gauge>* worker_free_blocks_;
-  prometheus::Family<prometheus::Gauge>* worker_total_blocks_;
-  absl::Mutex mu_;
 };
 
 // Engine-side metrics of a prefill or decode worker.

@@ -135,6 +135,68 @@ TEST(WireFormatTest, ChecksumIsXxh3OfKThenV) {
   EXPECT_EQ(LayerChecksum(k, v), XXH3_64bits(kv.data(), kv.size()));
 }
 
+TEST(WireFormatTest, ChecksumStreamMatchesAcrossAnySplit) {
+  std::vector<std::byte> k(5000), v(5000);
+  for (size_t i = 0; i < k.size(); ++i) k[i] = static_cast<std::byte>(i * 7 + 3);
+  for (size_t i = 0; i < v.size(); ++i) v[i] = static_cast<std::byte>(i * 11 + 1);
+  std::vector<std::byte> kv(k);
+  kv.insert(kv.end(), v.begin(), v.end());
+  const uint64_t want = LayerChecksum(k, v);
+  // Pieces that cross XXH3's 64-byte stripes, its 1 KiB blocks and the K/V boundary.
+  for (size_t piece : {1u, 3u, 63u, 64u, 65u, 1000u, 1024u, 4999u, 10000u}) {
+    LayerChecksumStream h;
+    for (size_t off = 0; off < kv.size(); off += piece) {
+      h.Update(std::span<const std::byte>(kv).subspan(off, std::min(piece, kv.size() - off)));
+    }
+    EXPECT_EQ(h.Digest(), want) << "pieces of " << piece;
+    h.Reset();
+    h.Update(kv);
+    EXPECT_EQ(h.Digest(), want);
+  }
+  EXPECT_EQ(LayerChecksumStream().Digest(), LayerChecksum({}, {}));
+}
+
+TEST(WireFormatTest, LayerHeaderDecodesLikeTheWholeBody) {
+  std::vector<std::byte> k(96, std::byte{1}), v(96, std::byte{2});
+  LayerFrame l;
+  l.transfer_id = 77;
+  l.layer = 4;
+  l.first_token = 1000;
+  l.token_count = 3;
+  l.k = k;
+  l.v = v;
+  l.checksum = LayerChecksum(k, v);
+  std::vector<std::byte> b(EncodedSize(l));
+  Encode(l, b);
+  const auto body = std::span<const std::byte>(b).subspan(kFrameHeaderBytes);
+  auto h = DecodeLayerHeader(body.first(kLayerFixedBytes), body.size());
+  ASSERT_TRUE(h.ok()) << h.status();
+  EXPECT_EQ(h->transfer_id, 77u);
+  EXPECT_EQ(h->layer, 4u);
+  EXPECT_EQ(h->first_token, 1000u);
+  EXPECT_EQ(h->token_count, 3u);
+  EXPECT_EQ(h->tensor_bytes, 96u);
+  EXPECT_EQ(h->checksum, l.checksum);
+  // The same refusals as the whole-body decoder.
+  EXPECT_FALSE(DecodeLayerHeader(body.first(kLayerFixedBytes), body.size() - 1).ok());
+  EXPECT_FALSE(DecodeLayerHeader(body.first(kLayerFixedBytes - 1), body.size()).ok());
+  EXPECT_FALSE(DecodeLayerHeader(body.first(kLayerFixedBytes), kLayerFixedBytes - 1).ok());
+  std::vector<std::byte> empty(b.begin(), b.begin() + kLayerPrefixBytes);
+  empty[kFrameHeaderBytes + 12] = std::byte{0};  // token_count 0
+  empty[kFrameHeaderBytes + 24] = std::byte{0};  // tensor_bytes 0
+  auto e = std::span<const std::byte>(empty).subspan(kFrameHeaderBytes);
+  EXPECT_FALSE(DecodeLayerHeader(e, kLayerFixedBytes).ok());
+  EXPECT_FALSE(DecodeFrameBody(FrameType::kLayer, e).ok());
+
+  // A checksum filled in after the prefix was encoded.
+  std::array<std::byte, kLayerPrefixBytes> prefix;
+  LayerFrame unsummed = l;
+  unsummed.checksum = 0;
+  EncodeLayerPrefix(unsummed, prefix);
+  SetLayerPrefixChecksum(prefix, l.checksum);
+  EXPECT_EQ(std::memcmp(prefix.data(), b.data(), kLayerPrefixBytes), 0);
+}
+
 TEST(WireFormatTest, TextAndAuthAreTruncatedToWireLimits) {
   std::string big(5000, 'x');
   AbortFrame a{1, TransferError::kAbortedBySender, big};

@@ -50,6 +50,16 @@ class KvStream {
     }
   }
 
+  // One read of whatever is available (at least one byte), into `buffers` in order.
+  template <typename Buffers, typename Handler>
+  void AsyncReadSome(const Buffers& buffers, Handler&& handler) {
+    if (tls_) {
+      tls_->async_read_some(buffers, std::forward<Handler>(handler));
+    } else {
+      plain_->async_read_some(buffers, std::forward<Handler>(handler));
+    }
+  }
+
   template <typename Buffers, typename Handler>
   void AsyncWrite(const Buffers& buffers, Handler&& handler) {
     const TransferRemaining all{boost::asio::buffer_size(buffers)};

@@ -70,6 +70,19 @@ std::vector<std::byte> EndBytes(uint64_t id) {
   return out;
 }
 
+// Writes `bytes` as separate writes (TCP_NODELAY: separate segments) whose sizes cycle through
+// `pieces`, so the receiver meets frame boundaries, the LAYER fixed part and the payload at odd
+// offsets.
+void SendInPieces(RawPeer& peer, std::span<const std::byte> bytes,
+                  const std::vector<size_t>& pieces) {
+  size_t i = 0;
+  for (size_t off = 0; off < bytes.size(); off += pieces[i++ % pieces.size()]) {
+    peer.Send(bytes.subspan(off, std::min(pieces[i % pieces.size()], bytes.size() - off)));
+  }
+}
+
+const std::vector<size_t> kAwkwardPieces = {1, 15, 40, 3, 4099, 17, 56};
+
 class TcpHostileTest : public ::testing::Test {
  protected:
   TcpHostileTest()
@@ -202,6 +215,80 @@ TEST_F(TcpHostileTest, ChecksumMismatch) {
     peer.Send(LayerBytes(e.id, p_, 0, 0, kTokens, /*corrupt=*/true));
   });
 }
+
+// The payload itself is damaged (the checksum field is intact) and arrives in odd pieces: the
+// receiver has already put part of it in place when the checksum fails, and the whole transfer
+// fails with it; the connection carries on.
+TEST_F(TcpHostileTest, CorruptPayloadInAwkwardPiecesFailsItsTransfer) {
+  RunOnSharedConnection(TransferError::kChecksumMismatch, [&](RawPeer& peer, const Expectation& e) {
+    peer.Send(BeginBytes(e));
+    peer.Send(LayerBytes(e.id, p_, 0, 0, kTokens));
+    auto f = LayerBytes(e.id, p_, 1, 0, kTokens);
+    f[f.size() - 77] ^= std::byte{0x04};  // in V
+    SendInPieces(peer, f, kAwkwardPieces);
+  });
+}
+
+// A LAYER for a transfer the receiver never had is read past (not buffered whole) and the
+// frames after it are framed correctly.
+TEST_F(TcpHostileTest, LargeLayerForAnUnknownTransferIsSkipped) {
+  RunOnSharedConnection(TransferError::kChecksumMismatch, [&](RawPeer& peer, const Expectation& e) {
+    const Payload big = MakePayload(kGeo, 4000, DType::kF32, 2);  // 500 KiB of K+V
+    SendInPieces(peer, LayerBytes(999, big, 0, 0, 4000), {70001, 3});
+    peer.Send(BeginBytes(e));
+    peer.Send(LayerBytes(e.id, p_, 0, 0, kTokens, /*corrupt=*/true));
+  });
+  EXPECT_EQ(rx_.r.landing.Stats().unknown_frames, 1u);
+}
+
+// The decode side cancels while (or before) the payload streams in: the rest of the frame is
+// dropped, the blocks come back, and the connection carries on.
+TEST_F(TcpHostileTest, CancelMidPayloadDropsTheRestOfTheFrame) {
+  RunOnSharedConnection(TransferError::kCancelledByReceiver,
+                        [&](RawPeer& peer, const Expectation& e) {
+                          peer.Send(BeginBytes(e));
+                          auto f = LayerBytes(e.id, p_, 0, 0, kTokens);
+                          const auto all = std::span<const std::byte>(f);
+                          peer.Send(all.first(kLayerPrefixBytes + 100));
+                          EXPECT_TRUE(rx_.r.landing.Cancel(e.id));
+                          peer.Send(all.subspan(kLayerPrefixBytes + 100));
+                          peer.Send(LayerBytes(e.id, p_, 1, 0, kTokens));  // late, ignored
+                        });
+}
+
+// Every frame of a transfer split at odd sizes, received in place (same dtype) and through
+// staging (conversion), lands bit-exact.
+class TcpSplitFrameTest : public ::testing::TestWithParam<DType> {};
+
+TEST_P(TcpSplitFrameTest, FramesSplitAtAwkwardSizesLandBitExact) {
+  TcpReceiver rx(kGeo, 16, GetParam(), 64);
+  constexpr int64_t kMany = 300;
+  Expectation e = Expect(rx.r, 1, kMany, 5);
+  const Payload p = MakePayload(kGeo, kMany, DType::kF32, 4);
+  RawPeer peer(rx.server->port());
+  peer.Handshake();
+  std::vector<std::byte> stream = BeginBytes(e, kMany);
+  auto append = [&](const std::vector<std::byte>& f) {
+    stream.insert(stream.end(), f.begin(), f.end());
+  };
+  append(LayerBytes(e.id, p, 0, 0, 7));
+  append(LayerBytes(e.id, p, 0, 7, 1));
+  append(LayerBytes(e.id, p, 1, 0, kMany));
+  append(LayerBytes(e.id, p, 0, 8, kMany - 8));
+  append(EndBytes(e.id));
+  SendInPieces(peer, stream, kAwkwardPieces);
+  auto r = peer.ReadResult();
+  ASSERT_TRUE(r.has_value());
+  EXPECT_EQ(r->reason, TransferError::kOk) << r->text;
+  ASSERT_TRUE(e.Wait().status.ok());
+  ExpectLanded(rx.r, e, p);
+  rx.r.pool.Release(e.table);
+  EXPECT_TRUE(rx.r.AllFree());
+}
+
+INSTANTIATE_TEST_SUITE_P(InPlaceAndStaged, TcpSplitFrameTest,
+                         ::testing::Values(DType::kF32, DType::kBF16),
+                         [](const auto& info) { return std::string(DTypeName(info.param)); });
 
 TEST_F(TcpHostileTest, StalledTransferHitsItsDeadline) {
   RunOnSharedConnection(

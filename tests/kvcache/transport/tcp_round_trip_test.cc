@@ -89,6 +89,40 @@ TEST(TcpTransportTest, Bf16Block16SenderFeedsFp32Block32ReceiverWith4096Tokens) 
   EXPECT_TRUE(rx.r.AllFree());
 }
 
+// 16 MiB LAYER frames, read straight into the store over many reads (and turns of the I/O
+// thread), while a second connection's small transfer is served in between.
+TEST(TcpTransportTest, LargeFramesLandInPlaceWithoutStarvingOtherConnections) {
+  const KvGeometry g{2, 8, 128};
+  const int64_t tokens = 2048;  // 4 KiB per token of K in f32: 8 MiB of K per layer
+  TcpReceiver rx(g, 16, DType::kF32, 2 * (tokens / 16) + 1);
+  KvClientOptions big;
+  big.max_frame_payload_bytes = 64u << 20;
+  big.max_inflight_bytes = 64u << 20;
+  auto client = MakeClient(big);
+  auto other = MakeClient();
+  AckCollector acks;
+  Expectation e = Expect(rx.r, 1, tokens);
+  Expectation small = Expect(rx.r, 2, 16);
+  const Payload p = MakePayload(g, tokens, DType::kF32, 8);
+  const Payload q = MakePayload(g, 16, DType::kF32, 9);
+  auto t = client->Begin(SenderSpec(rx.r, e, tokens, DType::kF32, rx.address()), acks.Callback());
+  ASSERT_TRUE(t.ok());
+  auto u = other->Begin(SenderSpec(rx.r, small, 16, DType::kF32, rx.address()), acks.Callback());
+  ASSERT_TRUE(u.ok());
+  std::thread small_sender([&] { StreamPayload(**u, q); });
+  StreamPayload(**t, p);  // one 16 MiB frame per layer
+  small_sender.join();
+  ASSERT_TRUE(acks.Wait(1)->status.ok());
+  ASSERT_TRUE(acks.Wait(2)->status.ok());
+  ASSERT_TRUE(e.Wait().status.ok());
+  ASSERT_TRUE(small.Wait().status.ok());
+  ExpectLanded(rx.r, e, p);
+  ExpectLanded(rx.r, small, q);
+  rx.r.pool.Release(e.table);
+  rx.r.pool.Release(small.table);
+  EXPECT_TRUE(rx.r.AllFree());
+}
+
 TEST(TcpTransportTest, ManyConcurrentTransfersShareOneConnection) {
   const KvGeometry g{4, 2, 8};
   constexpr int kThreads = 8;
