@@ -286,56 +286,44 @@ int RunRouter(const DaemonFlags& f) {
   return rc;
 }
 
-int RunPrefill(const DaemonFlags& f) {
+namespace {
+
+// One worker process: metrics, the worker, its gRPC server, registration, the ready line.
+template <typename Worker, typename Options>
+int RunWorker(const DaemonFlags& f, const std::string& role, Options options) {
   const sigset_t signals = BlockStopSignals();
   auto metrics = StartMetrics(f);
   if (!metrics.ok()) return Fail(metrics.status());
-  PrefillWorkerOptions po = MakePrefillOptions(f);
   std::unique_ptr<WorkerMetrics> wm;
   if (*metrics) {
-    wm = std::make_unique<WorkerMetrics>((*metrics)->registry(), "prefill", po.model_name);
-    po.metrics = wm.get();
+    wm = std::make_unique<WorkerMetrics>((*metrics)->registry(), role, options.model_name);
+    options.metrics = wm.get();
   }
-  auto worker = PrefillWorker::Create(po);
+  auto worker = Worker::Create(options);
   if (!worker.ok()) return Fail(worker.status());
   auto server = GrpcServer::Start(ServerOptions(f, f.grpc_port), (*worker)->services());
   if (!server.ok()) return Fail(server.status());
   (*worker)->SetGrpcAddress((*server)->address());
-  std::vector<RoleHandle> roles{Handle("prefill", **worker, **server)};
+  std::vector<RoleHandle> roles{Handle(role, **worker, **server)};
   std::vector<std::unique_ptr<RegistrationClient>> regs;
   if (!f.router.empty()) {
     regs.push_back(Register(f.router, **worker));
-    AwaitRegistration("prefill worker", *regs.back());
+    AwaitRegistration(role + " worker", *regs.back());
   }
-  PrintReady(absl::StrCat("tandem prefill ready grpc=", (*server)->address(),
-                          MetricsField(*metrics)));
+  const std::string kv = (*worker)->Info().kv_address();
+  PrintReady(absl::StrCat("tandem ", role, " ready grpc=", (*server)->address(),
+                          kv.empty() ? "" : " kv=" + kv, MetricsField(*metrics)));
   return ServeUntilSignal(signals, roles, regs, f.drain_grace_s);
 }
 
+}  // namespace
+
+int RunPrefill(const DaemonFlags& f) {
+  return RunWorker<PrefillWorker>(f, "prefill", MakePrefillOptions(f));
+}
+
 int RunDecode(const DaemonFlags& f) {
-  const sigset_t signals = BlockStopSignals();
-  auto metrics = StartMetrics(f);
-  if (!metrics.ok()) return Fail(metrics.status());
-  DecodeWorkerOptions dopt = MakeDecodeOptions(f);
-  std::unique_ptr<WorkerMetrics> wm;
-  if (*metrics) {
-    wm = std::make_unique<WorkerMetrics>((*metrics)->registry(), "decode", dopt.model_name);
-    dopt.metrics = wm.get();
-  }
-  auto worker = DecodeWorker::Create(dopt);
-  if (!worker.ok()) return Fail(worker.status());
-  auto server = GrpcServer::Start(ServerOptions(f, f.grpc_port), (*worker)->services());
-  if (!server.ok()) return Fail(server.status());
-  (*worker)->SetGrpcAddress((*server)->address());
-  std::vector<RoleHandle> roles{Handle("decode", **worker, **server)};
-  std::vector<std::unique_ptr<RegistrationClient>> regs;
-  if (!f.router.empty()) {
-    regs.push_back(Register(f.router, **worker));
-    AwaitRegistration("decode worker", *regs.back());
-  }
-  PrintReady(absl::StrCat("tandem decode ready grpc=", (*server)->address(),
-                          " kv=", (*worker)->Info().kv_address(), MetricsField(*metrics)));
-  return ServeUntilSignal(signals, roles, regs, f.drain_grace_s);
+  return RunWorker<DecodeWorker>(f, "decode", MakeDecodeOptions(f));
 }
 
 int RunServe(const DaemonFlags& f) {
