@@ -45,7 +45,7 @@ class Cluster {
           WorkerFlags pf = {}, WorkerFlags df = {}) {
     const std::string logs = LogDir();
     std::vector<std::string> rargs{"router", "--model", kModel, "--grpc-port", "0",
-                                   "--heartbeat-interval-ms", "200", "--drain-grace-s", "5"};
+                                   "--heartbeat-interval-ms", "200", "--drain-grace-s", "60"};
     rargs.insert(rargs.end(), router_extra.begin(), router_extra.end());
     router_ = std::make_unique<TandemProcess>(rargs, logs + "/router.log");
     ok_ = router_->WaitReady();
