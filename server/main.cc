@@ -35,48 +35,84 @@ void AddEngineFlags(CLI::App* cmd, tandem::EngineOptions& e, std::string& kv_dty
 }
 
 // --config FILE.yaml for the daemons: a YAML map whose keys are the flag names with '_' or '-'
-// (`grpc_port: 0`, `decode_workers: [a:1, b:2]`). Flags on the command line win.
-class YamlConfig : public CLI::Config {
- public:
-  std::string to_config(const CLI::App*, bool, bool, std::string) const override { return {}; }
-
-  std::vector<CLI::ConfigItem> from_config(std::istream& input) const override {
-    std::vector<CLI::ConfigItem> items;
-    YAML::Node root;
-    try {
-      root = YAML::Load(input);
-    } catch (const YAML::Exception& e) {
-      throw CLI::ParseError(std::string("--config: ") + e.what(), CLI::ExitCodes::InvalidError);
-    }
-    if (root.IsNull()) {
-      return items;
-    }
-    if (!root.IsMap()) {
-      throw CLI::ParseError("--config: the file must be a YAML map of flag: value",
-                            CLI::ExitCodes::InvalidError);
-    }
-    for (const auto& kv : root) {
-      CLI::ConfigItem item;
-      item.name = kv.first.as<std::string>();
-      std::replace(item.name.begin(), item.name.end(), '_', '-');
-      const YAML::Node& v = kv.second;
-      if (v.IsSequence()) {
-        for (const auto& e : v) item.inputs.push_back(e.as<std::string>());
-      } else if (v.IsScalar()) {
-        item.inputs.push_back(v.as<std::string>());
-      } else {
-        throw CLI::ParseError("--config: '" + item.name + "' must be a value or a list",
-                              CLI::ExitCodes::InvalidError);
-      }
-      items.push_back(std::move(item));
-    }
-    return items;
+// (`grpc_port: 0`, `decode_worker: [a:1, b:2]`). Its entries become flags placed before the
+// command line's, and every scalar daemon option keeps its last value, so the command line wins.
+bool YamlToArgs(const std::string& path, std::vector<std::string>* args, std::string* error) {
+  YAML::Node root;
+  try {
+    root = YAML::LoadFile(path);
+  } catch (const YAML::Exception& e) {
+    *error = "--config " + path + ": " + e.what();
+    return false;
   }
-};
+  if (root.IsNull()) {
+    return true;
+  }
+  if (!root.IsMap()) {
+    *error = "--config " + path + ": the file must be a YAML map of flag: value";
+    return false;
+  }
+  for (const auto& kv : root) {
+    std::string name = kv.first.as<std::string>();
+    std::replace(name.begin(), name.end(), '_', '-');
+    const YAML::Node& v = kv.second;
+    if (v.IsSequence()) {
+      for (const auto& e : v) {
+        args->push_back("--" + name);
+        args->push_back(e.as<std::string>());
+      }
+    } else if (v.IsScalar()) {
+      const std::string value = v.as<std::string>();
+      if (value == "true" || value == "false") {
+        if (value == "true") args->push_back("--" + name);  // a flag
+      } else {
+        args->push_back("--" + name);
+        args->push_back(value);
+      }
+    } else {
+      *error = "--config " + path + ": '" + name + "' must be a value or a list";
+      return false;
+    }
+  }
+  return true;
+}
+
+// Expands `tandem <daemon> ... --config FILE ...` into the YAML's flags followed by the rest.
+bool ExpandConfig(int argc, char** argv, std::vector<std::string>* out, std::string* error) {
+  out->assign(argv, argv + argc);
+  if (argc < 2) {
+    return true;
+  }
+  const std::string sub = argv[1];
+  if (sub != "serve" && sub != "router" && sub != "prefill" && sub != "decode") {
+    return true;
+  }
+  std::vector<std::string> rest, from_file;
+  for (int i = 2; i < argc; ++i) {
+    std::string a = argv[i];
+    std::string path;
+    if (a == "--config" && i + 1 < argc) {
+      path = argv[++i];
+    } else if (a.rfind("--config=", 0) == 0) {
+      path = a.substr(9);
+    } else {
+      rest.push_back(a);
+      continue;
+    }
+    if (!YamlToArgs(path, &from_file, error)) {
+      return false;
+    }
+  }
+  out->assign(argv, argv + 2);
+  out->insert(out->end(), from_file.begin(), from_file.end());
+  out->insert(out->end(), rest.begin(), rest.end());
+  return true;
+}
 
 void AddDaemonFlags(CLI::App* cmd, tandem::DaemonFlags& d, bool router, bool worker) {
-  cmd->set_config("--config", "", "YAML file of flag: value (flags given here win)");
-  cmd->config_formatter(std::make_shared<YamlConfig>());
+  // Read by ExpandConfig before parsing; declared here for --help.
+  static std::string config_file;
+  cmd->add_option("--config", config_file, "YAML file of flag: value (the command line wins)");
   cmd->add_option("--model-name", d.model_name, "Served model name (default: folder name)");
   cmd->add_option("--bind", d.bind_address, "Address to listen on")->capture_default_str();
   cmd->add_option("--grpc-port", d.grpc_port, "gRPC port (0: pick a free one)")
@@ -98,8 +134,10 @@ void AddDaemonFlags(CLI::App* cmd, tandem::DaemonFlags& d, bool router, bool wor
         ->capture_default_str();
   }
   if (router) {
-    cmd->add_option("--prefill-worker", d.prefill_workers, "Static prefill worker (repeatable)");
-    cmd->add_option("--decode-worker", d.decode_workers, "Static decode worker (repeatable)");
+    cmd->add_option("--prefill-worker", d.prefill_workers, "Static prefill worker (repeatable)")
+        ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+    cmd->add_option("--decode-worker", d.decode_workers, "Static decode worker (repeatable)")
+        ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
     cmd->add_option("--max-running", d.max_running, "Requests dispatched at once")
         ->capture_default_str();
     cmd->add_option("--max-queued", d.max_queued, "Requests waiting; beyond: RESOURCE_EXHAUSTED")
@@ -191,6 +229,8 @@ int main(int argc, char** argv) {
                                {prefill, &prefill_f, false, true},
                                {decode, &decode_f, false, true}};
   for (const DaemonCmd& d : daemons) {
+    // A value from --config comes first; the command line's later one wins.
+    d.cmd->option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
     AddEngineFlags(d.cmd, d.flags->engine, d.flags->kv_dtype, d.flags->kv_cache_mb,
                    d.flags->no_prefix_cache);
     AddDaemonFlags(d.cmd, *d.flags, d.router, d.worker);
@@ -212,7 +252,15 @@ int main(int argc, char** argv) {
   client->add_flag("--json", cl.json, "One JSON object per message, then a summary");
   client->add_option("--timeout-s", cl.timeout_s, "Deadline")->capture_default_str();
 
-  CLI11_PARSE(app, argc, argv);
+  std::vector<std::string> args;
+  std::string config_error;
+  if (!ExpandConfig(argc, argv, &args, &config_error)) {
+    std::fprintf(stderr, "error: %s\n", config_error.c_str());
+    return 2;
+  }
+  std::vector<char*> expanded;
+  for (std::string& a : args) expanded.push_back(a.data());
+  CLI11_PARSE(app, static_cast<int>(expanded.size()), expanded.data());
 
   for (const DaemonCmd& d : daemons) {
     if (!d.cmd->parsed()) continue;

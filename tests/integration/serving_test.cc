@@ -2,11 +2,14 @@
 // `tandem` subcommands, driven through the public gRPC API. Tokens must equal the offline
 // engine's (what `tandem generate` prints) through disaggregation, failures and re-admission;
 // every worker's KV pool must be fully free afterwards.
+#include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
 #include <atomic>
 #include <filesystem>
+#include <fstream>
+#include <future>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -473,6 +476,114 @@ TEST(ServingTest, SigtermDrainsInFlightRequests) {
   ASSERT_TRUE(o.status.ok()) << o.status.error_message();
   EXPECT_EQ(o.ids, ref.Tokens(prompt, 3000));
   EXPECT_EQ(c.router().Wait(std::chrono::seconds(10)), 0);
+}
+
+std::string BufferToString(const grpc::ByteBuffer& b) {
+  std::vector<grpc::Slice> slices;
+  std::string out;
+  if (b.Dump(&slices).ok()) {
+    for (const auto& s : slices) out.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  }
+  return out;
+}
+
+// grpc.health.v1.Health/Check for the whole server ("" service), through a generic stub: the
+// request is the empty message; SERVING is field 1 = 1 (bytes 08 01).
+std::string HealthCheck(const std::string& addr) {
+  grpc::GenericStub stub(grpc::CreateChannel(addr, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  grpc::Slice empty("");
+  grpc::ByteBuffer req(&empty, 1), resp;
+  std::promise<grpc::Status> done;
+  stub.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &req, &resp,
+                 [&](grpc::Status s) { done.set_value(s); });
+  const grpc::Status st = done.get_future().get();
+  return st.ok() ? BufferToString(resp) : "error: " + st.error_message();
+}
+
+// Lists services through server reflection (ServerReflectionRequest.list_services = "": field 7,
+// empty string); returns the raw response, which holds the service names.
+std::string ReflectionList(const std::string& addr) {
+  grpc::GenericStub stub(grpc::CreateChannel(addr, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  grpc::CompletionQueue cq;
+  auto call =
+      stub.PrepareCall(&ctx, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", &cq);
+  void* tag = nullptr;
+  bool ok = false;
+  std::string out;
+  call->StartCall(reinterpret_cast<void*>(1));
+  if (cq.Next(&tag, &ok) && ok) {
+    grpc::Slice s(std::string("\x3a\x00", 2));
+    grpc::ByteBuffer req(&s, 1);
+    call->Write(req, reinterpret_cast<void*>(2));
+    cq.Next(&tag, &ok);
+    grpc::ByteBuffer resp;
+    call->Read(&resp, reinterpret_cast<void*>(3));
+    if (cq.Next(&tag, &ok) && ok) out = BufferToString(resp);
+    call->WritesDone(reinterpret_cast<void*>(4));
+    cq.Next(&tag, &ok);
+  }
+  grpc::Status st;
+  call->Finish(&st, reinterpret_cast<void*>(5));
+  cq.Next(&tag, &ok);
+  cq.Shutdown();
+  while (cq.Next(&tag, &ok)) {
+  }
+  return out;
+}
+
+TEST(ServingTest, EveryProcessServesHealthReflectionAndLintedMetrics) {
+  Cluster c(1, 1);
+  ASSERT_TRUE(c.ok());
+  const std::vector<std::pair<TandemProcess*, std::string>> procs = {
+      {&c.router(), "tandem.v1.Tandem"},
+      {&c.prefill(0), "tandem.internal.v1.PrefillWorker"},
+      {&c.decode(0), "tandem.internal.v1.DecodeWorker"}};
+  const bool have_promtool = std::system("command -v promtool >/dev/null 2>&1") == 0;
+  for (const auto& [p, service] : procs) {
+    const std::string addr = p->field("grpc");
+    EXPECT_EQ(HealthCheck(addr), std::string("\x08\x01", 2)) << addr << " not SERVING";
+    const std::string services = ReflectionList(addr);
+    EXPECT_NE(services.find(service), std::string::npos) << addr;
+    EXPECT_NE(services.find("grpc.health.v1.Health"), std::string::npos) << addr;
+    const std::string metrics = p->field("metrics");
+    ASSERT_FALSE(metrics.empty());
+    if (have_promtool) {
+      const std::string cmd = "curl -s --max-time 10 http://" + metrics +
+                              "/metrics | promtool check metrics >/dev/null 2>&1";
+      EXPECT_EQ(std::system(cmd.c_str()), 0) << "promtool check metrics failed for " << metrics;
+    }
+  }
+}
+
+TEST(ServingTest, YamlConfigIsReadAndFlagsWin) {
+  const std::string dir = LogDir();
+  const std::string cfg = dir + "/router.yaml";
+  {
+    std::ofstream f(cfg);
+    f << "model: " << kModel << "\n"
+      << "bind: 256.0.0.1        # invalid: the command line must win\n"
+      << "grpc_port: 0\n"
+      << "metrics_port: -1       # read from here: no metrics field on the ready line\n"
+      << "max_queued: 7\n"
+      << "decode_worker: [127.0.0.1:1]\n";
+  }
+  TandemProcess router({"router", "--config", cfg, "--bind", "127.0.0.1"}, dir + "/router.log");
+  ASSERT_TRUE(router.WaitReady());
+  EXPECT_FALSE(router.field("grpc").empty());
+  EXPECT_TRUE(router.field("metrics").empty());
+
+  // A bad file is refused with a message, not a crash.
+  {
+    std::ofstream f(dir + "/bad.yaml");
+    f << "[not, a, map]\n";
+  }
+  TandemProcess bad({"router", "--config", dir + "/bad.yaml"}, dir + "/bad.log");
+  EXPECT_FALSE(bad.WaitReady(std::chrono::seconds(20)));
+  EXPECT_NE(bad.Wait(std::chrono::seconds(10)), 0);
 }
 
 }  // namespace
