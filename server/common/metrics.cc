@@ -5,14 +5,16 @@
 #include <dirent.h>
 #include <prometheus/collectable.h>
 #include <prometheus/counter.h>
-#include <prometheus/exposer.h>
+#include <prometheus/text_serializer.h>
 #include <prometheus/gauge.h>
 #include <prometheus/histogram.h>
 #include <prometheus/registry.h>
 #include <unistd.h>
 
+#include <boost/asio.hpp>
 #include <fstream>
 #include <sstream>
+#include <thread>
 
 #include "absl/synchronization/mutex.h"
 
@@ -205,6 +207,108 @@ void MetricsEndpoint::SetRouterView(const std::string& model,
   router_view_->Set(model, std::move(source));
 }
 
+// GET /metrics over HTTP/1.1, one response per connection. One I/O thread; a client that sends
+// nothing is dropped after 10 s. Rendering happens on the I/O thread at request time.
+class HttpMetricsServer {
+ public:
+  using Render = std::function<std::string()>;
+
+  HttpMetricsServer(Render render) : render_(std::move(render)), acceptor_(io_) {}
+  ~HttpMetricsServer() {
+    io_.stop();
+    if (thread_.joinable()) thread_.join();
+  }
+
+  absl::Status Listen(const std::string& host, int port) {
+    boost::system::error_code ec;
+    const auto addr = boost::asio::ip::make_address(host, ec);
+    if (ec) {
+      return absl::InvalidArgumentError("metrics bind address '" + host + "': " + ec.message());
+    }
+    const boost::asio::ip::tcp::endpoint ep(addr, static_cast<uint16_t>(port));
+    acceptor_.open(ep.protocol(), ec);
+    if (!ec) acceptor_.set_option(boost::asio::socket_base::reuse_address(true), ec);
+    if (!ec) acceptor_.bind(ep, ec);
+    if (!ec) acceptor_.listen(boost::asio::socket_base::max_listen_connections, ec);
+    if (ec) {
+      return absl::UnavailableError("cannot serve metrics on " + host + ":" +
+                                    std::to_string(port) + ": " + ec.message());
+    }
+    port_ = acceptor_.local_endpoint().port();
+    Accept();
+    thread_ = std::thread([this] { io_.run(); });
+    return absl::OkStatus();
+  }
+  int port() const { return port_; }
+
+ private:
+  struct Connection : std::enable_shared_from_this<Connection> {
+    Connection(boost::asio::ip::tcp::socket s, const Render& r)
+        : socket(std::move(s)), timer(socket.get_executor()), render(r) {}
+    void Start() {
+      auto self = shared_from_this();
+      timer.expires_after(std::chrono::seconds(10));
+      timer.async_wait([self](const boost::system::error_code& ec) {
+        if (!ec) self->socket.close();
+      });
+      boost::asio::async_read_until(
+          socket, request, "\r\n\r\n", [self](const boost::system::error_code& ec, size_t) {
+            if (ec) {
+              self->timer.cancel();
+              return;
+            }
+            std::istream in(&self->request);
+            std::string method, target;
+            in >> method >> target;
+            std::string body, status = "200 OK";
+            if (method != "GET") {
+              status = "405 Method Not Allowed";
+            } else if (target != "/metrics" && target.rfind("/metrics?", 0) != 0) {
+              status = "404 Not Found";
+              body = "try /metrics\n";
+            } else {
+              body = self->render();
+            }
+            self->response = "HTTP/1.1 " + status +
+                             "\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8"
+                             "\r\nContent-Length: " + std::to_string(body.size()) +
+                             "\r\nConnection: close\r\n\r\n" + body;
+            boost::asio::async_write(self->socket, boost::asio::buffer(self->response),
+                                     [self](const boost::system::error_code&, size_t) {
+                                       boost::system::error_code ignored;
+                                       self->socket.shutdown(
+                                           boost::asio::ip::tcp::socket::shutdown_both, ignored);
+                                       self->socket.close(ignored);
+                                       self->timer.cancel();
+                                     });
+          });
+    }
+    boost::asio::ip::tcp::socket socket;
+    boost::asio::steady_timer timer;
+    boost::asio::streambuf request{16 << 10};  // bounded: a request line + headers
+    std::string response;
+    const Render& render;
+  };
+
+  void Accept() {
+    acceptor_.async_accept([this](const boost::system::error_code& ec,
+                                  boost::asio::ip::tcp::socket s) {
+      if (ec) {
+        if (ec == boost::asio::error::operation_aborted) return;
+      } else {
+        std::make_shared<Connection>(std::move(s), render_)->Start();
+      }
+      Accept();
+    });
+  }
+
+  Render render_;
+  boost::asio::io_context io_;
+  boost::asio::ip::tcp::acceptor acceptor_;
+  std::thread thread_;
+  int port_ = 0;
+};
+
 absl::StatusOr<std::unique_ptr<MetricsEndpoint>> MetricsEndpoint::Start(
     const std::string& bind_address, int port) {
   if (port < 0 || port > 65535) {
@@ -215,21 +319,26 @@ absl::StatusOr<std::unique_ptr<MetricsEndpoint>> MetricsEndpoint::Start(
   m->registry_ = std::make_shared<prometheus::Registry>();
   m->process_ = std::make_shared<ProcessCollector>();
   m->router_view_ = std::make_shared<RouterViewCollector>();
-  try {
-    m->exposer_ = std::make_unique<prometheus::Exposer>(bind_address + ":" + std::to_string(port));
-  } catch (const std::exception& e) {
-    return absl::UnavailableError("cannot serve metrics on " + bind_address + ":" +
-                                  std::to_string(port) + ": " + e.what());
+  MetricsEndpoint* self = m.get();
+  m->http_ = std::make_unique<HttpMetricsServer>([self] {
+    std::vector<prometheus::MetricFamily> families = self->registry_->Collect();
+    for (const prometheus::Collectable* c :
+         {static_cast<const prometheus::Collectable*>(self->process_.get()),
+          static_cast<const prometheus::Collectable*>(self->router_view_.get())}) {
+      auto more = c->Collect();
+      families.insert(families.end(), std::make_move_iterator(more.begin()),
+                      std::make_move_iterator(more.end()));
+    }
+    return prometheus::TextSerializer().Serialize(families);
+  });
+  if (absl::Status st = m->http_->Listen(bind_address, port); !st.ok()) {
+    return st;
   }
-  m->exposer_->RegisterCollectable(m->registry_);
-  m->exposer_->RegisterCollectable(m->process_);
-  m->exposer_->RegisterCollectable(m->router_view_);
-  const auto ports = m->exposer_->GetListeningPorts();
-  m->port_ = ports.empty() ? port : ports.front();
+  m->port_ = m->http_->port();
   return m;
 }
 
-MetricsEndpoint::~MetricsEndpoint() = default;
+MetricsEndpoint::~MetricsEndpoint() { http_.reset(); }
 
 std::string MetricsEndpoint::address() const {
   const std::string host = host_ == "0.0.0.0" || host_.empty() ? "127.0.0.1" : host_;

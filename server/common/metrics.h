@@ -15,7 +15,6 @@
 
 namespace prometheus {
 class Counter;
-class Exposer;
 class Gauge;
 class Histogram;
 class Registry;
@@ -40,7 +39,9 @@ struct RouterSnapshot {
 };
 
 // The /metrics HTTP endpoint of one process, with process metrics (CPU, memory, fds, start
-// time) included.
+// time) included. A small Boost.Asio HTTP/1.1 server rather than prometheus-cpp's civetweb
+// exposer: civetweb fails to start ("null context") in a process that has CUDA's libcublasLt
+// loaded, i.e. in every CUDA-enabled build.
 class MetricsEndpoint {
  public:
   // Binds `bind_address:port` (port 0: pick one).
@@ -59,7 +60,7 @@ class MetricsEndpoint {
   std::shared_ptr<prometheus::Registry> registry_;
   std::shared_ptr<class ProcessCollector> process_;
   std::shared_ptr<class RouterViewCollector> router_view_;
-  std::unique_ptr<prometheus::Exposer> exposer_;
+  std::unique_ptr<class HttpMetricsServer> http_;
   std::string host_;
   int port_ = 0;
 };
