@@ -152,9 +152,14 @@ TEST(WorkerFailureTest, TransferThatNeverComesEndsUnavailable) {
   EXPECT_TRUE(Contains(s.error_message(), "deadline")) << s.error_message();
   cluster.ExpectIdle();
 
-  // The call's own deadline comes first: the client sees DEADLINE_EXCEEDED, the worker frees.
+  // The call's own deadline comes first: the landing's deadline is that same instant, so the
+  // client sees DEADLINE_EXCEEDED (gRPC) or UNAVAILABLE (the landing's reaper won the race, on a
+  // loaded machine); either way the worker frees everything.
   DecodeStream short_call(cluster, spec, false, std::chrono::milliseconds(100));
-  EXPECT_EQ(short_call.Finish().error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  const grpc::StatusCode code = short_call.Finish().error_code();
+  EXPECT_TRUE(code == grpc::StatusCode::DEADLINE_EXCEEDED ||
+              code == grpc::StatusCode::UNAVAILABLE)
+      << code;
   cluster.ExpectIdle();
 }
 
