@@ -744,4 +744,8 @@ std::string IncrementalDetokenizer::Flush() {
   return out;
 }
 
+std::optional<size_t> FindInvalidUtf8(std::string_view text) {
+  return internal::FindInvalidUtf8(text);
+}
+
 }  // namespace tandem

@@ -80,4 +80,8 @@ class IncrementalDetokenizer {
   std::string pending_;  // emitted-but-not-yet-cleaned text (clean-up tokenizers only)
 };
 
+// Offset of the first byte of `text` that is not well-formed UTF-8 (overlong forms, surrogates,
+// code points above U+10FFFF and truncated sequences are ill-formed), or nullopt.
+std::optional<size_t> FindInvalidUtf8(std::string_view text);
+
 }  // namespace tandem

@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/sampling.h"
+#include "engine/tokenizer.h"
 #include "proto/convert.h"
 
 namespace tandem {
@@ -19,45 +20,8 @@ absl::Status Bad(std::string_view field, std::string_view why) {
 }  // namespace
 
 std::string Utf8Error(std::string_view s) {
-  size_t i = 0;
-  while (i < s.size()) {
-    const auto c = static_cast<unsigned char>(s[i]);
-    size_t len = 0;
-    uint32_t cp = 0;
-    if (c < 0x80) {
-      ++i;
-      continue;
-    } else if ((c & 0xE0) == 0xC0) {
-      len = 2;
-      cp = c & 0x1F;
-    } else if ((c & 0xF0) == 0xE0) {
-      len = 3;
-      cp = c & 0x0F;
-    } else if ((c & 0xF8) == 0xF0) {
-      len = 4;
-      cp = c & 0x07;
-    } else {
-      return absl::StrCat("invalid UTF-8 at byte ", i);
-    }
-    if (i + len > s.size()) {
-      return absl::StrCat("truncated UTF-8 sequence at byte ", i);
-    }
-    for (size_t k = 1; k < len; ++k) {
-      const auto cc = static_cast<unsigned char>(s[i + k]);
-      if ((cc & 0xC0) != 0x80) {
-        return absl::StrCat("invalid UTF-8 at byte ", i);
-      }
-      cp = (cp << 6) | (cc & 0x3F);
-    }
-    // Overlong forms, surrogates and code points past U+10FFFF are not UTF-8.
-    const bool overlong =
-        (len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000);
-    if (overlong || (cp >= 0xD800 && cp <= 0xDFFF) || cp > 0x10FFFF) {
-      return absl::StrCat("invalid UTF-8 at byte ", i);
-    }
-    i += len;
-  }
-  return "";
+  const auto bad = FindInvalidUtf8(s);
+  return bad ? absl::StrCat("invalid UTF-8 at byte ", *bad) : "";
 }
 
 absl::Status CheckModelName(const std::string& requested, const ServedModel& model) {
