@@ -132,6 +132,18 @@ RoleHandle Handle(const std::string& label, Worker& w, GrpcServer& server) {
   return h;
 }
 
+// The router has no step loop of its own: its health is its server's.
+RoleHandle RouterHandle(Router& r, GrpcServer& server) {
+  RoleHandle h;
+  h.label = "router";
+  h.server = &server;
+  h.start_drain = [&r] { r.StartDrain(); };
+  h.in_flight = [&r] { return r.in_flight(); };
+  h.healthy = [] { return true; };
+  h.shutdown = [&r] { r.Shutdown(); };
+  return h;
+}
+
 template <typename Worker>
 std::unique_ptr<RegistrationClient> Register(const std::string& router, Worker& w) {
   RegistrationOptions o;
@@ -268,15 +280,8 @@ int RunRouter(const DaemonFlags& f) {
   if (!router.ok()) return Fail(router.status());
   auto server = GrpcServer::Start(ServerOptions(f, f.grpc_port), (*router)->services());
   if (!server.ok()) return Fail(server.status());
-  RoleHandle h;
-  h.label = "router";
-  h.server = server->get();
   Router& r = **router;
-  h.start_drain = [&r] { r.StartDrain(); };
-  h.in_flight = [&r] { return r.in_flight(); };
-  h.healthy = [] { return true; };
-  h.shutdown = [&r] { r.Shutdown(); };
-  std::vector<RoleHandle> roles{h};
+  std::vector<RoleHandle> roles{RouterHandle(r, **server)};
   std::vector<std::unique_ptr<RegistrationClient>> regs;
   ExposeRouterView(metrics->get(), ro.model_name, r);
   PrintReady(absl::StrCat("tandem router ready grpc=", (*server)->address(),
@@ -373,14 +378,8 @@ int RunServe(const DaemonFlags& f) {
   }
 
   Router& r = **router;
-  RoleHandle rh;
-  rh.label = "router";
-  rh.server = router_server->get();
-  rh.start_drain = [&r] { r.StartDrain(); };
-  rh.in_flight = [&r] { return r.in_flight(); };
-  rh.healthy = [] { return true; };
-  rh.shutdown = [&r] { r.Shutdown(); };
-  std::vector<RoleHandle> roles{rh, Handle("decode", **decode, **decode_server)};
+  std::vector<RoleHandle> roles{RouterHandle(r, **router_server),
+                                Handle("decode", **decode, **decode_server)};
   if (prefill) roles.push_back(Handle("prefill", *prefill, *prefill_server));
 
   // Workers reach the router through its loopback address even when it binds elsewhere.
