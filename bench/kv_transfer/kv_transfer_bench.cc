@@ -40,6 +40,7 @@ struct Flags {
   int reps = 5;
   std::vector<uint64_t> sizes_mib = {64, 256, 1024};
   uint64_t frame_kib = 2048;
+  std::string profile;  // "kv" or "raw": run only that path, for a profiler
 };
 
 double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
@@ -108,19 +109,20 @@ Timed RawCopy(const Source& src, uint64_t frame_payload, bool one_call_per_frame
     acceptor.accept(s);
     s.set_option(asio::ip::tcp::no_delay(true));
     ready.set_value();
-    std::vector<std::byte> buf(kLayerPrefixBytes + 2 * tokens_per_frame * kTokenLayerBytes);
+    std::vector<std::byte> frame_buf(kLayerPrefixBytes + 2 * tokens_per_frame * kTokenLayerBytes);
+    std::byte* buf = frame_buf.data();
     for (uint64_t f = 0; f < frames; ++f) {
       if (one_call_per_frame) {
-        asio::read(s, asio::buffer(buf.data(), kFrameHeaderBytes), AllAtOnce{kFrameHeaderBytes});
+        asio::read(s, asio::buffer(buf, kFrameHeaderBytes), AllAtOnce{kFrameHeaderBytes});
       } else {
-        asio::read(s, asio::buffer(buf.data(), kFrameHeaderBytes));
+        asio::read(s, asio::buffer(buf, kFrameHeaderBytes));
       }
       uint32_t body;
-      std::memcpy(&body, buf.data() + 8, 4);
+      std::memcpy(&body, buf + 8, 4);
       if (one_call_per_frame) {
-        asio::read(s, asio::buffer(buf.data() + kFrameHeaderBytes, body), AllAtOnce{body});
+        asio::read(s, asio::buffer(buf + kFrameHeaderBytes, body), AllAtOnce{body});
       } else {
-        asio::read(s, asio::buffer(buf.data() + kFrameHeaderBytes, body));
+        asio::read(s, asio::buffer(buf + kFrameHeaderBytes, body));
       }
     }
     const char ack = 1;
@@ -229,6 +231,8 @@ Flags ParseFlags(int argc, char** argv) {
       f.json = true;
     } else if (a == "--reps") {
       f.reps = std::max(1, std::atoi(next().c_str()));
+    } else if (a == "--profile") {
+      f.profile = next();
     } else if (a == "--frame-kib") {
       f.frame_kib = std::max(1, std::atoi(next().c_str()));
     } else if (a == "--sizes-mib") {
@@ -242,7 +246,7 @@ Flags ParseFlags(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "usage: kv_transfer_bench [--json] [--reps N] [--sizes-mib 64,256,1024] "
-                   "[--frame-kib N]\n");
+                   "[--frame-kib N] [--profile kv|raw]\n");
       std::exit(2);
     }
   }
@@ -279,6 +283,16 @@ int Main(int argc, char** argv) {
     const uint64_t bytes = tokens * per_token;
     // Warm-up: connection, page faults in the store and the receive buffer.
     KvTransfer(**client, landing, pool, addr, src, id++, {});
+    if (!flags.profile.empty()) {
+      for (int r = 0; r < flags.reps; ++r) {
+        if (flags.profile == "kv") {
+          KvTransfer(**client, landing, pool, addr, src, id++, {});
+        } else {
+          RawCopy(src, co.max_frame_payload_bytes, true);
+        }
+      }
+      continue;
+    }
     RawCopy(src, co.max_frame_payload_bytes, true);
     // Raw and KV runs alternate so that both see the same machine load; the ratio is the median
     // of the per-pair ratios (robust to load bursts on a shared machine), the GB/s are best-of.
