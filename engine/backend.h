@@ -36,6 +36,15 @@ struct ForwardBatch {
 
 struct BackendOptions {
   int num_threads = 0;  // cpu: 0 = one per hardware thread
+  // Largest step the engine will run (tokens, rows of logits): GPU backends allocate their
+  // activation workspace for it up front, before sizing the KV pool (0: grow on demand).
+  int32_t max_batch_tokens = 0;
+  int32_t max_logit_rows = 0;
+  // GPU backends: ignore the layout's num_blocks and give the KV store this fraction of the
+  // device memory still free once the weights and the workspace are allocated, at most
+  // max_kv_blocks blocks (0: no cap). The store's layout() reports the count chosen. 0: off.
+  double kv_memory_fraction = 0;
+  int32_t max_kv_blocks = 0;
 };
 
 class Backend {

@@ -82,6 +82,11 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   if (options.max_batch_tokens <= 0 || options.max_num_seqs <= 0) {
     return absl::InvalidArgumentError("max_batch_tokens and max_num_seqs must be positive");
   }
+  if (!(options.kv_memory_fraction >= 0 && options.kv_memory_fraction <= 1)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("kv_memory_fraction must be in (0, 1] (0: off), got ",
+                     options.kv_memory_fraction));
+  }
   e->max_model_len_ = options.max_model_len > 0
                           ? std::min<int64_t>(options.max_model_len, c.max_position_embeddings)
                           : c.max_position_embeddings;
@@ -93,29 +98,38 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   layout.geometry = KvGeometry{c.num_layers, c.num_kv_heads, c.head_dim};
   layout.block_size = options.block_size;
   layout.dtype = options.kv_dtype;
+  // Never more blocks than the whole context of max_num_seqs sequences would need.
+  const int64_t useful_blocks = (e->max_model_len_ + options.block_size - 1) /
+                                options.block_size * options.max_num_seqs;
+  const bool by_fraction = options.kv_memory_fraction != 0 && options.num_kv_blocks <= 0;
   int64_t blocks = options.num_kv_blocks;
-  if (blocks <= 0) {
+  if (by_fraction) {
+    blocks = 1;  // placeholder: the backend sizes its store from free device memory
+  } else if (blocks <= 0) {
     const int64_t per_block = 2 * static_cast<int64_t>(c.num_layers) * options.block_size *
                               layout.geometry.token_elems() * DTypeSize(options.kv_dtype);
-    blocks = options.kv_cache_bytes / per_block;
-    // Never more than the whole context of max_num_seqs sequences would need.
-    const int64_t useful = (e->max_model_len_ + options.block_size - 1) / options.block_size *
-                           options.max_num_seqs;
-    blocks = std::min(blocks, useful);
+    blocks = std::min(options.kv_cache_bytes / per_block, useful_blocks);
   }
   if (blocks <= 0 || blocks > (int64_t{1} << 30)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "KV cache size gives ", blocks, " blocks; raise kv_cache_bytes or num_kv_blocks"));
   }
   layout.num_blocks = static_cast<int32_t>(blocks);
-  e->pool_ = std::make_unique<BlockPool>(layout.num_blocks, layout.block_size);
   BackendOptions bo;
   bo.num_threads = options.num_threads;
+  bo.max_batch_tokens = options.max_batch_tokens;
+  bo.max_logit_rows = std::min(options.max_batch_tokens, options.max_num_seqs);
+  if (by_fraction) {
+    bo.kv_memory_fraction = options.kv_memory_fraction;
+    bo.max_kv_blocks = static_cast<int32_t>(std::min<int64_t>(useful_blocks, int64_t{1} << 30));
+  }
   auto backend = CreateBackend(options.backend, *e->model_, layout, bo);
   if (!backend.ok()) {
     return backend.status();
   }
   e->backend_ = *std::move(backend);
+  const KvStoreLayout& sized = e->backend_->kv_store().layout();
+  e->pool_ = std::make_unique<BlockPool>(sized.num_blocks, sized.block_size);
 
   // End-of-sequence ids: generation_config, config and tokenizer, as vLLM merges them.
   auto add_eos = [&](int32_t id) {

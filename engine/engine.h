@@ -24,6 +24,10 @@ struct EngineOptions {
   int32_t block_size = 16;
   int32_t num_kv_blocks = 0;                // 0: as many as fit in kv_cache_bytes
   int64_t kv_cache_bytes = int64_t{512} << 20;
+  // GPU backends: KV pool = this fraction of the device memory left free after the weights and
+  // the activation workspace (vLLM's gpu_memory_utilization, applied to what is left); replaces
+  // kv_cache_bytes when set. 0: off. The cpu backend refuses it.
+  double kv_memory_fraction = 0;
   DType kv_dtype = DType::kF32;
   int num_threads = 0;                      // cpu: 0 = one per hardware thread
   int32_t max_batch_tokens = 2048;          // tokens in one step (prefill chunks + decodes)

@@ -25,6 +25,10 @@ void AddEngineFlags(CLI::App* cmd, tandem::EngineOptions& e, std::string& kv_dty
   cmd->add_option("--kv-dtype", kv_dtype, "KV cache dtype: f32, bf16 or f16")->capture_default_str();
   cmd->add_option("--kv-cache-mb", kv_cache_mb, "KV cache size in MiB")->capture_default_str();
   cmd->add_option("--num-kv-blocks", e.num_kv_blocks, "KV blocks (overrides --kv-cache-mb)");
+  cmd->add_option("--kv-memory-fraction", e.kv_memory_fraction,
+                  "GPU backends: KV pool = this fraction of the device memory free after the "
+                  "weights (replaces --kv-cache-mb; 0: off)")
+      ->check(CLI::Range(0.0, 1.0));
   cmd->add_option("--threads", e.num_threads, "CPU threads (0: all)")->capture_default_str();
   cmd->add_option("--max-batch-tokens", e.max_batch_tokens, "Tokens per step")
       ->capture_default_str();

@@ -2,6 +2,7 @@
 // cache, cancellation, and exact KV accounting after every scenario.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <map>
 
 #include "engine/engine.h"
@@ -212,6 +213,24 @@ TEST(EngineValidationTest, BadRequestsFailAloneWithAFieldName) {
   ASSERT_TRUE(ok.ok());
   EXPECT_EQ(ok->output_ids.size(), 3u);
   ExpectPoolIdle(**e);
+}
+
+TEST(EngineValidationTest, KvMemoryFractionIsForGpuBackendsAndInRange) {
+  EngineOptions o = Options(TestData("models/llama2_mha_f16"));
+  o.num_kv_blocks = 0;
+  o.kv_memory_fraction = 0.5;
+  auto cpu = Engine::Create(o);
+  ASSERT_FALSE(cpu.ok());
+  EXPECT_EQ(cpu.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(cpu.status().message()).find("kv-cache-mb"), std::string::npos)
+      << cpu.status();
+  for (double bad : {-0.1, 1.5, std::nan("")}) {
+    o.kv_memory_fraction = bad;
+    auto e = Engine::Create(o);
+    ASSERT_FALSE(e.ok()) << bad;
+    EXPECT_NE(std::string(e.status().message()).find("kv_memory_fraction"), std::string::npos)
+        << e.status();
+  }
 }
 
 TEST(EngineLifecycleTest, AbortMidStreamFreesEveryBlock) {

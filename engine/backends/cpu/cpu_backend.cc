@@ -304,6 +304,11 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCpuBackend(const ModelWeights& mo
   if (!(kv_layout.geometry == want)) {
     return absl::InvalidArgumentError("KV store geometry does not match the model");
   }
+  if (options.kv_memory_fraction != 0) {
+    return absl::InvalidArgumentError(
+        "kv_memory_fraction sizes a GPU's KV pool; the cpu backend takes kv_cache_bytes "
+        "(--kv-cache-mb) or num_kv_blocks");
+  }
   if (kv_layout.num_blocks <= 0 || kv_layout.block_size <= 0) {
     return absl::InvalidArgumentError("KV store needs at least one block of at least one token");
   }

@@ -118,8 +118,9 @@ size_t AlignUp(size_t n, size_t a) { return (n + a - 1) / a * a; }
 
 class CudaBackend final : public Backend {
  public:
-  CudaBackend(const ModelConfig& cfg, const KvStoreLayout& layout, const CudaBackendOptions& opts)
-      : cfg_(cfg), layout_(layout), opts_(opts) {}
+  CudaBackend(const ModelConfig& cfg, const KvStoreLayout& layout, const BackendOptions& common,
+              const CudaBackendOptions& opts)
+      : cfg_(cfg), layout_(layout), common_(common), opts_(opts) {}
   ~CudaBackend() override;
 
   absl::Status Init(const ModelWeights& model, const std::vector<float>& inv_freq);
@@ -145,8 +146,12 @@ class CudaBackend final : public Backend {
   // y[M][w.rows] (+ the lo half when split) = act[M][w.cols] . w^T
   absl::StatusOr<gpu::FoldedIn> Gemm(const DeviceMatrix& w, int64_t M, float* y);
 
+  // Blocks for the KV store: the layout's count, or kv_memory_fraction of the memory left free.
+  absl::StatusOr<int32_t> KvBlocks() const;
+
   const ModelConfig cfg_;
-  const KvStoreLayout layout_;
+  KvStoreLayout layout_;  // num_blocks settled in Init
+  const BackendOptions common_;
   const CudaBackendOptions opts_;
   int sm_count_ = 1;
 
@@ -209,12 +214,6 @@ absl::Status CudaBackend::Init(const ModelWeights& model, const std::vector<floa
   TANDEM_CUDA_RETURN_IF_ERROR(
       cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, opts_.device));
 
-  auto store = DeviceKvStore::Create(layout_, opts_.device);
-  if (!store.ok()) {
-    return store.status();
-  }
-  store_ = std::move(*store);
-
   // GEMM weights keep the dtype of each layer's q_proj (bf16, f16 or f32); a tensor stored in
   // another dtype is converted to it. Norm weights and biases become fp32 vectors.
   const DType wtype = model.layers.at(0).wq->dtype;
@@ -254,7 +253,50 @@ absl::Status CudaBackend::Init(const ModelWeights& model, const std::vector<floa
   // A pageable-memory cudaMemcpy may return before its DMA lands, and stream_ does not order
   // after the legacy stream.
   TANDEM_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
+
+  // The workspace for the largest step first, so that the KV pool cannot take the memory a
+  // full step needs later; then the KV store.
+  if (common_.max_batch_tokens > 0) {
+    TANDEM_STATUS_RETURN_IF_ERROR(ReserveBuffers(common_.max_batch_tokens,
+                                                 std::max<int64_t>(1, common_.max_logit_rows)));
+  }
+  absl::StatusOr<int32_t> blocks = KvBlocks();
+  if (!blocks.ok()) {
+    return blocks.status();
+  }
+  layout_.num_blocks = *blocks;
+  auto store = DeviceKvStore::Create(layout_, opts_.device);
+  if (!store.ok()) {
+    return store.status();
+  }
+  store_ = std::move(*store);
   return absl::OkStatus();
+}
+
+absl::StatusOr<int32_t> CudaBackend::KvBlocks() const {
+  if (common_.kv_memory_fraction == 0) {
+    return layout_.num_blocks;
+  }
+  size_t free_bytes = 0;
+  size_t total_bytes = 0;
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&free_bytes, &total_bytes));
+  // K and V of every layer for one block.
+  const double per_block = 2.0 * layout_.geometry.num_layers * layout_.block_size *
+                           static_cast<double>(layout_.geometry.token_elems()) *
+                           static_cast<double>(DTypeSize(layout_.dtype));
+  int64_t blocks =
+      static_cast<int64_t>(common_.kv_memory_fraction * static_cast<double>(free_bytes) / per_block);
+  if (common_.max_kv_blocks > 0) {
+    blocks = std::min<int64_t>(blocks, common_.max_kv_blocks);
+  }
+  blocks = std::min<int64_t>(blocks, int64_t{1} << 30);
+  if (blocks <= 0) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "kv_memory_fraction ", common_.kv_memory_fraction, " of the ", free_bytes >> 20,
+        " MiB free on cuda device ", opts_.device, " after loading the weights is less than one ",
+        static_cast<int64_t>(per_block) >> 10, " KiB KV block"));
+  }
+  return static_cast<int32_t>(blocks);
 }
 
 absl::StatusOr<gpu::FoldedIn> CudaBackend::Gemm(const DeviceMatrix& w, int64_t M, float* y) {
@@ -585,14 +627,17 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const ModelWeights& m
                                                            const BackendOptions& options,
                                                            std::vector<float> rope_inv_freq,
                                                            const CudaBackendOptions& cuda) {
-  (void)options;  // num_threads: host threads are not used by this backend
   const ModelConfig& c = model.config;
   const KvGeometry want{c.num_layers, c.num_kv_heads, c.head_dim};
   if (!(kv_layout.geometry == want)) {
     return absl::InvalidArgumentError("KV store geometry does not match the model");
   }
-  if (kv_layout.num_blocks <= 0 || kv_layout.block_size <= 0) {
+  if ((kv_layout.num_blocks <= 0 && options.kv_memory_fraction == 0) ||
+      kv_layout.block_size <= 0) {
     return absl::InvalidArgumentError("KV store needs at least one block of at least one token");
+  }
+  if (!(options.kv_memory_fraction >= 0 && options.kv_memory_fraction <= 1)) {
+    return absl::InvalidArgumentError("kv_memory_fraction must be in (0, 1] (0: off)");
   }
   if (!gpu::SupportedHeadDim(c.head_dim)) {
     return absl::UnimplementedError(
@@ -619,7 +664,7 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const ModelWeights& m
     return absl::InvalidArgumentError(
         absl::StrCat("cuda backend: device ", cuda.device, " of ", count));
   }
-  auto backend = std::make_unique<CudaBackend>(c, kv_layout, cuda);
+  auto backend = std::make_unique<CudaBackend>(c, kv_layout, options, cuda);
   TANDEM_STATUS_RETURN_IF_ERROR(backend->Init(model, rope_inv_freq));
   return std::unique_ptr<Backend>(std::move(backend));
 }

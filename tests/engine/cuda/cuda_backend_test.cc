@@ -13,6 +13,7 @@
 #include "engine/backend.h"
 #include "engine/backends/cuda/cuda_backend.h"
 #include "engine/backends/cuda/device_kv_store.h"
+#include "engine/engine.h"
 #include "engine/internal/rope.h"
 #include "engine/model.h"
 #include "kvcache/block_pool.h"
@@ -339,6 +340,53 @@ TEST_P(CudaBackendTest, LayerCallbackSeesEachLayersKv) {
                                                v.data()).ok());
     EXPECT_EQ(k_seen[l], k) << "layer " << l;
   }
+}
+
+TEST_P(CudaBackendTest, KvPoolFromAFractionOfFreeMemory) {
+  KvStoreLayout layout = Layout(16, DType::kBF16);
+  layout.num_blocks = 0;  // decided by the backend
+  const ModelConfig& c = model_->config;
+  const int64_t per_block = 2LL * c.num_layers * 16 * c.num_kv_heads * c.head_dim * 2;
+  BackendOptions opts;
+  opts.max_batch_tokens = 256;
+  opts.max_logit_rows = 8;
+  opts.kv_memory_fraction = 0.02;
+  auto free_before = CudaFreeMemoryBytes(0);
+  ASSERT_TRUE(free_before.ok());
+  auto b = CreateCudaBackend(*model_, layout, opts,
+                             internal::RopeTable::Create(c).inv_freq());
+  ASSERT_TRUE(b.ok()) << b.status();
+  const int64_t blocks = (*b)->kv_store().layout().num_blocks;
+  // 2 % of what was free after the (small) weights and workspace: close to 2 % of before.
+  const double want = 0.02 * static_cast<double>(*free_before) / per_block;
+  EXPECT_GT(blocks, 0.9 * want);
+  EXPECT_LE(blocks, want + 1);
+  b->reset();
+  // A cap wins over the fraction.
+  opts.max_kv_blocks = 7;
+  auto capped = CreateCudaBackend(*model_, layout, opts,
+                                  internal::RopeTable::Create(c).inv_freq());
+  ASSERT_TRUE(capped.ok()) << capped.status();
+  EXPECT_EQ((*capped)->kv_store().layout().num_blocks, 7);
+  // Through the engine: the pool takes the backend's count.
+  EngineOptions eo;
+  eo.model_dir = dir_;
+  eo.backend = "cuda";
+  eo.kv_dtype = DType::kBF16;
+  eo.kv_memory_fraction = 0.01;
+  eo.max_num_seqs = 4;
+  auto engine = Engine::Create(eo);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  EXPECT_EQ((*engine)->pool().num_blocks(),
+            (*engine)->backend().kv_store().layout().num_blocks);
+  SequenceRequest r;
+  r.prompt_ids = {1, 2, 3};
+  r.sampling.temperature = 0.0f;
+  r.sampling.ignore_eos = true;
+  r.sampling.max_tokens = 4;
+  auto out = (*engine)->Generate(r);
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_EQ(out->output_ids.size(), 4u);
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, CudaBackendTest,
