@@ -26,10 +26,17 @@ struct SequenceChunk {
   int64_t start_pos = 0;
   std::span<const BlockId> block_table;
   bool want_logits = false;  // logits of the chunk's last token
+  // With want_logits, on a backend whose ReturnsPicks(): return only the greedy token and its
+  // logprob (PickGreedy in engine/sampling.h) in ForwardBatch::picks instead of the logits row.
+  bool pick = false;
 };
+
+struct TokenPick;
 
 struct ForwardBatch {
   std::span<const SequenceChunk> chunks;
+  // One per chunk with want_logits && pick, in chunk order.
+  std::span<TokenPick> picks;
   // Called after layer l's K/V of every chunk is in the store (layer-wise KV streaming).
   const std::function<void(int32_t layer)>* on_layer_done = nullptr;
 };
@@ -52,8 +59,10 @@ class Backend {
   virtual ~Backend() = default;
   virtual std::string_view name() const = 0;
   virtual KvStore& kv_store() = 0;
-  // Runs the batch. `logits` receives vocab_size floats per chunk with want_logits, in chunk
-  // order. Preconditions (checked by the engine): token ids in vocabulary, tables cover the
+  // Whether Forward honours SequenceChunk::pick (a GPU backend: the row stays on the device).
+  virtual bool ReturnsPicks() const { return false; }
+  // Runs the batch. `logits` receives vocab_size floats per chunk with want_logits (and not
+  // pick, where ReturnsPicks()), in chunk order. Preconditions (checked by the engine): token ids in vocabulary, tables cover the
   // ranges, positions below the model's context length.
   virtual absl::Status Forward(const ForwardBatch& batch, std::span<float> logits) = 0;
 };

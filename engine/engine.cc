@@ -539,12 +539,28 @@ absl::StatusOr<std::vector<TokenEvent>> Engine::Step(StepStats* stats) {
   // Block tables may have grown since the spans were taken: refresh them.
   for (size_t i = 0; i < chunks.size(); ++i) chunks[i].block_table = chunk_seq[i]->blocks;
 
+  // Rows whose sampling is a plain greedy pick: a backend that can keeps them on the device and
+  // returns 8 bytes each; here the same PickGreedy runs on the host row otherwise.
   const int64_t V = model_->config.vocab_size;
+  const bool backend_picks = backend_->ReturnsPicks();
   int64_t n_logits = 0;
-  for (const auto& c : chunks) n_logits += c.want_logits ? 1 : 0;
+  int64_t n_picks = 0;
+  use_pick_.assign(chunks.size(), 0);
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    SequenceChunk& c = chunks[i];
+    if (!c.want_logits) continue;
+    const Sequence& s = *chunk_seq[i];
+    const bool banned_any = s.num_output() < s.params.min_tokens && !s.banned.empty();
+    use_pick_[i] = !s.want_prompt_logits &&
+                   PickSuffices(s.resolved, banned_any, s.params.logprobs);
+    c.pick = backend_picks && use_pick_[i];
+    (c.pick ? n_picks : n_logits) += 1;
+  }
   logits_.resize(static_cast<size_t>(n_logits) * V);
+  picks_.resize(static_cast<size_t>(n_picks));
   ForwardBatch batch;
   batch.chunks = chunks;
+  batch.picks = picks_;
   std::function<void(int32_t)> export_layer;
   for (Sequence* s : chunk_seq) {
     if (s->kv_export != nullptr && s->export_status.ok()) {
@@ -558,6 +574,7 @@ absl::StatusOr<std::vector<TokenEvent>> Engine::Step(StepStats* stats) {
   }
 
   int64_t row = 0;
+  int64_t pick_row = 0;
   for (size_t i = 0; i < chunks.size(); ++i) {
     Sequence& s = *chunk_seq[i];
     s.num_computed += static_cast<int64_t>(chunks[i].tokens.size());
@@ -574,8 +591,14 @@ absl::StatusOr<std::vector<TokenEvent>> Engine::Step(StepStats* stats) {
     if (!chunks[i].want_logits) {
       continue;
     }
-    std::span<float> lg(&logits_[row * V], V);
-    ++row;
+    std::span<float> lg;
+    TokenPick pick;
+    if (chunks[i].pick) {
+      pick = picks_[pick_row++];
+    } else {
+      lg = std::span<float>(&logits_[row * V], V);
+      ++row;
+    }
     if (s.finish != FinishReason::kNone) {
       continue;
     }
@@ -592,10 +615,16 @@ absl::StatusOr<std::vector<TokenEvent>> Engine::Step(StepStats* stats) {
       // samples a position (disaggregated prefill, re-admission after a failure).
       s.rng = Rng(*s.params.seed + 0x9E3779B97F4A7C15ull * static_cast<uint64_t>(s.num_output()));
     }
-    const SampledToken t =
-        SampleToken(lg, s.resolved, s.history,
-                    below_min ? std::span<const int32_t>(s.banned) : std::span<const int32_t>(),
-                    s.params.logprobs, s.rng, scratch_);
+    SampledToken t;
+    if (use_pick_[i]) {
+      if (!chunks[i].pick) pick = PickGreedy(lg);
+      t.token = pick.token;
+      t.logprob = s.params.logprobs >= 0 ? pick.logprob : 0.0f;
+    } else {
+      t = SampleToken(lg, s.resolved, s.history,
+                      below_min ? std::span<const int32_t>(s.banned) : std::span<const int32_t>(),
+                      s.params.logprobs, s.rng, scratch_);
+    }
     ProcessSampled(s, t, ev);
     ++st.sampled;
     ev.finish = s.finish;

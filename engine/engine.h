@@ -157,6 +157,8 @@ class Engine {
   SeqId next_id_ = 1;
   std::vector<std::unique_ptr<Sequence>> seqs_;  // arrival order
   std::vector<float> logits_;
+  std::vector<TokenPick> picks_;  // rows a GPU backend reduced to a greedy pick
+  std::vector<char> use_pick_;    // per chunk of the step: a pick is all its sampling needs
   SamplerScratch scratch_;
   std::vector<TokenEvent> pending_events_;  // first tokens of AddPrefilled sequences
 };

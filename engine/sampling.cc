@@ -281,4 +281,25 @@ SampledToken SampleToken(std::span<float> logits, const ResolvedSampling& params
   return out;
 }
 
+bool PickSuffices(const ResolvedSampling& params, bool banned_any, int32_t num_logprobs) {
+  return params.greedy && params.repetition_penalty == 1.0f && params.presence_penalty == 0.0f &&
+         params.frequency_penalty == 0.0f && !banned_any && num_logprobs <= 0;
+}
+
+TokenPick PickGreedy(std::span<const float> logits) {
+  TokenPick p;
+  float best = -std::numeric_limits<float>::infinity();
+  for (size_t i = 0; i < logits.size(); ++i) {
+    if (logits[i] > best) {  // false for NaN
+      best = logits[i];
+      p.token = static_cast<int32_t>(i);
+    }
+  }
+  float raw_max = 0;
+  double raw_log_z = 0;
+  LogSoftmaxStats(logits, raw_max, raw_log_z);
+  p.logprob = static_cast<float>(logits[p.token] - raw_max - raw_log_z);
+  return p;
+}
+
 }  // namespace tandem

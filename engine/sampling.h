@@ -96,4 +96,19 @@ SampledToken SampleToken(std::span<float> logits, const ResolvedSampling& params
                          const TokenHistory& history, std::span<const int32_t> banned,
                          int32_t num_logprobs, Rng& rng, SamplerScratch& scratch);
 
+// A greedy choice and its raw log-probability: all that a plain greedy sequence needs from a
+// row of logits, so a GPU backend can return 8 bytes instead of the row (backend.h).
+struct TokenPick {
+  int32_t token = 0;
+  float logprob = 0.0f;  // log-softmax of the raw logits at `token`
+};
+
+// True when SampleToken would return exactly PickGreedy's token and logprob: greedy, no
+// penalties, nothing banned, and no top logprobs asked for.
+bool PickSuffices(const ResolvedSampling& params, bool banned_any, int32_t num_logprobs);
+
+// The reference for every backend's picks: the first index of the largest logit (NaN counts as
+// -inf; 0 when every logit is -inf or NaN) and its log-softmax, computed as SampleToken does.
+TokenPick PickGreedy(std::span<const float> logits);
+
 }  // namespace tandem

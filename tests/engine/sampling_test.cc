@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <limits>
+#include <vector>
 
 namespace tandem {
 namespace {
@@ -140,6 +141,50 @@ TEST(SamplingTest, LogprobsAreOfTheRawDistribution) {
   EXPECT_EQ(t.top_logprobs[0].first, 2);
   EXPECT_EQ(t.top_logprobs[1].first, 1);
   EXPECT_NEAR(t.top_logprobs[1].second, 2.0 - std::log(z), 1e-5);
+}
+
+// PickGreedy is what a GPU backend returns instead of a row: it must agree with SampleToken
+// exactly wherever PickSuffices says it may replace it.
+TEST(SamplingTest, PickGreedyEqualsGreedySampling) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::vector<std::vector<float>> rows = {
+      {0.5f, 2.0f, -1.0f, 2.0f},  // tie: the first index wins
+      {-inf, -inf, -inf},         // nothing finite: token 0
+      {nan, 1.0f, nan, 0.5f},     // NaN never wins
+      {3.0f},
+  };
+  Rng gen(7);
+  for (int r = 0; r < 20; ++r) {
+    std::vector<float> row(1000);
+    for (float& v : row) v = static_cast<float>(gen.Uniform() * 40.0 - 20.0);
+    rows.push_back(row);
+  }
+  ResolvedSampling greedy;
+  greedy.greedy = true;
+  ASSERT_TRUE(PickSuffices(greedy, false, 0));
+  EXPECT_TRUE(PickSuffices(greedy, false, -1));
+  EXPECT_FALSE(PickSuffices(greedy, true, 0));
+  EXPECT_FALSE(PickSuffices(greedy, false, 3));
+  ResolvedSampling penalised = greedy;
+  penalised.repetition_penalty = 1.1f;
+  EXPECT_FALSE(PickSuffices(penalised, false, 0));
+  ResolvedSampling sampled;
+  EXPECT_FALSE(PickSuffices(sampled, false, 0));
+  TokenHistory history;
+  SamplerScratch scratch;
+  Rng rng(1);
+  for (const auto& row : rows) {
+    std::vector<float> work = row;
+    const SampledToken want = SampleToken(work, greedy, history, {}, 0, rng, scratch);
+    const TokenPick got = PickGreedy(row);
+    EXPECT_EQ(got.token, want.token);
+    if (std::isnan(want.logprob)) {
+      EXPECT_TRUE(std::isnan(got.logprob));
+    } else {
+      EXPECT_EQ(got.logprob, want.logprob);
+    }
+  }
 }
 
 }  // namespace

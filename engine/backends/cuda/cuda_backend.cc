@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstddef>
 #include <cmath>
 #include <cstring>
 #include <initializer_list>
@@ -22,12 +23,18 @@
 #include "engine/backends/cuda/device_kv_store.h"
 #include "engine/backends/cuda/kernels.h"
 #include "engine/model.h"
+#include "engine/sampling.h"
 
 namespace tandem {
 namespace {
 
 using cuda_internal::DeviceBuffer;
 using cuda_internal::PinnedBuffer;
+
+static_assert(sizeof(TokenPick) == sizeof(gpu::DevicePick) &&
+                  offsetof(TokenPick, token) == offsetof(gpu::DevicePick, token) &&
+                  offsetof(TokenPick, logprob) == offsetof(gpu::DevicePick, logprob),
+              "device picks are copied into TokenPick as bytes");
 
 cudaDataType_t CudaType(DType t) {
   switch (t) {
@@ -127,6 +134,7 @@ class CudaBackend final : public Backend {
 
   std::string_view name() const override { return "cuda"; }
   KvStore& kv_store() override { return *store_; }
+  bool ReturnsPicks() const override { return true; }
   absl::Status Forward(const ForwardBatch& batch, std::span<float> logits) override;
 
  private:
@@ -169,6 +177,8 @@ class CudaBackend final : public Backend {
 
   // Step plan (host, reused) and its device copy.
   std::vector<int32_t> ids_, pos_, logit_rows_, tables_;
+  std::vector<int32_t> pick_rows_;  // rows of the logits buffer reduced to a pick on the device
+  std::vector<int32_t> full_rows_;  // rows copied back whole
   std::vector<int64_t> slots_;
   std::vector<gpu::AttnChunk> chunks_;
   std::vector<gpu::AttnTile> tiles_;
@@ -182,6 +192,9 @@ class CudaBackend final : public Backend {
   const int64_t* d_slots_ = nullptr;
   const gpu::AttnChunk* d_chunks_ = nullptr;
   const gpu::AttnTile* d_tiles_ = nullptr;
+  const int32_t* d_pick_rows_ = nullptr;
+  DeviceBuffer picks_dev_;
+  PinnedBuffer picks_host_;
 
   // Activations, grown on demand.
   DeviceBuffer x_, act_, y_, q_, attn_, cos_sin_, part_o_, part_ml_, logits_;
@@ -321,6 +334,8 @@ absl::Status CudaBackend::PrepareStep(const ForwardBatch& batch, int64_t T) {
   pos_.clear();
   slots_.clear();
   logit_rows_.clear();
+  pick_rows_.clear();
+  full_rows_.clear();
   tables_.clear();
   chunks_.clear();
   tiles_.clear();
@@ -345,6 +360,8 @@ absl::Status CudaBackend::PrepareStep(const ForwardBatch& batch, int64_t T) {
       tiles_.push_back(gpu::AttnTile{static_cast<int32_t>(ci), r});
     }
     if (c.want_logits && n > 0) {
+      const int32_t logits_row = static_cast<int32_t>(logit_rows_.size());
+      (c.pick ? pick_rows_ : full_rows_).push_back(logits_row);
       logit_rows_.push_back(row + n - 1);
     }
     max_context_ = std::max(max_context_, end);
@@ -365,6 +382,7 @@ absl::Status CudaBackend::PrepareStep(const ForwardBatch& batch, int64_t T) {
   const size_t o_slots = section(slots_.size() * sizeof(int64_t));
   const size_t o_chunks = section(chunks_.size() * sizeof(gpu::AttnChunk));
   const size_t o_tiles = section(tiles_.size() * sizeof(gpu::AttnTile));
+  const size_t o_picks = section(pick_rows_.size() * sizeof(int32_t));
   TANDEM_STATUS_RETURN_IF_ERROR(meta_host_.Reserve(off, "step metadata (host)"));
   TANDEM_STATUS_RETURN_IF_ERROR(meta_dev_.Reserve(off, "step metadata (device)"));
   std::byte* h = meta_host_.bytes_ptr();
@@ -380,6 +398,7 @@ absl::Status CudaBackend::PrepareStep(const ForwardBatch& batch, int64_t T) {
   put(o_slots, slots_);
   put(o_chunks, chunks_);
   put(o_tiles, tiles_);
+  put(o_picks, pick_rows_);
   // The previous step's copy finished: Forward drains the stream before returning.
   TANDEM_CUDA_RETURN_IF_ERROR(
       cudaMemcpyAsync(meta_dev_.get(), h, off, cudaMemcpyHostToDevice, stream_));
@@ -391,6 +410,7 @@ absl::Status CudaBackend::PrepareStep(const ForwardBatch& batch, int64_t T) {
   d_slots_ = reinterpret_cast<const int64_t*>(d + o_slots);
   d_chunks_ = reinterpret_cast<const gpu::AttnChunk*>(d + o_chunks);
   d_tiles_ = reinterpret_cast<const gpu::AttnTile*>(d + o_tiles);
+  d_pick_rows_ = reinterpret_cast<const int32_t*>(d + o_picks);
   (void)T;
   return absl::OkStatus();
 }
@@ -430,6 +450,7 @@ absl::Status CudaBackend::Forward(const ForwardBatch& batch, std::span<float> lo
 
   int64_t T = 0;
   int64_t n_logits = 0;
+  int64_t n_picks = 0;
   for (const SequenceChunk& c : batch.chunks) {
     const int64_t n = static_cast<int64_t>(c.tokens.size());
     TANDEM_STATUS_RETURN_IF_ERROR(ValidateTokenRange(layout_, 0, c.block_table, c.start_pos, n));
@@ -443,9 +464,11 @@ absl::Status CudaBackend::Forward(const ForwardBatch& batch, std::span<float> lo
     }
     T += n;
     n_logits += (c.want_logits && n > 0) ? 1 : 0;
+    n_picks += (c.want_logits && c.pick && n > 0) ? 1 : 0;
   }
-  if (static_cast<int64_t>(logits.size()) < n_logits * V) {
-    return absl::InvalidArgumentError("logits buffer too small");
+  if (static_cast<int64_t>(logits.size()) < (n_logits - n_picks) * V ||
+      static_cast<int64_t>(batch.picks.size()) < n_picks) {
+    return absl::InvalidArgumentError("logits or picks buffer too small");
   }
   if (T == 0) {
     return absl::OkStatus();
@@ -595,11 +618,35 @@ absl::Status CudaBackend::Forward(const ForwardBatch& batch, std::span<float> lo
     if (out->lo_offset > 0) {
       TANDEM_CUDA_RETURN_IF_ERROR(gpu::LaunchFold(d_logits, n_logits * V, stream_));
     }
-    TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(logits.data(), d_logits,
-                                                n_logits * V * sizeof(float),
-                                                cudaMemcpyDeviceToHost, stream_));
+    // Greedy rows come back as 8-byte picks; the others whole, one copy per run of rows.
+    if (n_picks > 0) {
+      const size_t bytes = static_cast<size_t>(n_picks) * sizeof(gpu::DevicePick);
+      TANDEM_STATUS_RETURN_IF_ERROR(picks_dev_.Reserve(bytes, "picks (device)"));
+      TANDEM_STATUS_RETURN_IF_ERROR(picks_host_.Reserve(bytes, "picks (host)"));
+      TANDEM_CUDA_RETURN_IF_ERROR(gpu::LaunchPickGreedy(d_logits, V, d_pick_rows_,
+                                                        static_cast<int32_t>(n_picks),
+                                                        picks_dev_.as<gpu::DevicePick>(), stream_));
+      TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(picks_host_.bytes_ptr(), picks_dev_.get(), bytes,
+                                                  cudaMemcpyDeviceToHost, stream_));
+    }
+    for (size_t i = 0; i < full_rows_.size();) {
+      size_t run = 1;
+      while (i + run < full_rows_.size() &&
+             full_rows_[i + run] == full_rows_[i] + static_cast<int32_t>(run)) {
+        ++run;
+      }
+      TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
+          logits.data() + static_cast<int64_t>(i) * V,
+          d_logits + static_cast<int64_t>(full_rows_[i]) * V, run * V * sizeof(float),
+          cudaMemcpyDeviceToHost, stream_));
+      i += run;
+    }
   }
   TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  if (n_picks > 0) {
+    std::memcpy(batch.picks.data(), picks_host_.bytes_ptr(),
+                static_cast<size_t>(n_picks) * sizeof(TokenPick));
+  }
   return absl::OkStatus();
 }
 

@@ -548,6 +548,61 @@ __global__ void FoldKernel(float* y, int64_t n) {
   }
 }
 
+// One block per row: (max, first index) by a strided scan and a shared-memory reduction, then
+// the sum of exp(x - max) the same way. The host reference sums in double; fp32 per thread and
+// double across threads keeps the logprob within ~1e-6 of it.
+constexpr int kPickThreads = 256;
+
+__global__ void PickGreedyKernel(const float* logits, int64_t vocab, const int32_t* rows,
+                                 DevicePick* out) {
+  __shared__ float best_v[kPickThreads];
+  __shared__ int64_t best_i[kPickThreads];
+  __shared__ double sums[kPickThreads];
+  const float* x = logits + static_cast<int64_t>(rows[blockIdx.x]) * vocab;
+  const int tid = threadIdx.x;
+  float bv = -INFINITY;
+  int64_t bi = vocab;  // "none yet": loses every tie
+  for (int64_t i = tid; i < vocab; i += kPickThreads) {
+    const float v = x[i];
+    if (v > bv) {  // false for NaN; ascending i keeps the first of equals
+      bv = v;
+      bi = i;
+    }
+  }
+  best_v[tid] = bv;
+  best_i[tid] = bi;
+  __syncthreads();
+  for (int stride = kPickThreads / 2; stride > 0; stride /= 2) {
+    if (tid < stride) {
+      const float ov = best_v[tid + stride];
+      const int64_t oi = best_i[tid + stride];
+      if (ov > best_v[tid] || (ov == best_v[tid] && oi < best_i[tid])) {
+        best_v[tid] = ov;
+        best_i[tid] = oi;
+      }
+    }
+    __syncthreads();
+  }
+  const float max_v = best_v[0];
+  const int64_t token = best_i[0] < vocab ? best_i[0] : 0;
+  float partial = 0.0f;
+  for (int64_t i = tid; i < vocab; i += kPickThreads) {
+    partial += expf(x[i] - max_v);
+  }
+  sums[tid] = partial;
+  __syncthreads();
+  for (int stride = kPickThreads / 2; stride > 0; stride /= 2) {
+    if (tid < stride) {
+      sums[tid] += sums[tid + stride];
+    }
+    __syncthreads();
+  }
+  if (tid == 0) {
+    out[blockIdx.x].token = static_cast<int32_t>(token);
+    out[blockIdx.x].logprob = static_cast<float>(x[token] - max_v - log(sums[0]));
+  }
+}
+
 // Grid-stride over num_tokens * token_elems for both K and V.
 template <bool kToPaged>
 __global__ void PagedCopyKernel(PagedCopyArgs a) {
@@ -709,6 +764,15 @@ cudaError_t LaunchFold(float* y, int64_t n, cudaStream_t stream) {
     return cudaSuccess;
   }
   FoldKernel<<<Blocks(n, 256), 256, 0, stream>>>(y, n);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchPickGreedy(const float* logits, int64_t vocab, const int32_t* rows, int32_t n,
+                             DevicePick* out, cudaStream_t stream) {
+  if (n == 0) {
+    return cudaSuccess;
+  }
+  PickGreedyKernel<<<n, kPickThreads, 0, stream>>>(logits, vocab, rows, out);
   return cudaGetLastError();
 }
 

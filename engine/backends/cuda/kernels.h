@@ -138,6 +138,16 @@ cudaError_t LaunchToAct(const float* in, int64_t n, ActOut out, cudaStream_t str
 // y[i] += y[i + n] for i < n.
 cudaError_t LaunchFold(float* y, int64_t n, cudaStream_t stream);
 
+// Greedy token and its log-softmax for rows rows[0..n) of logits[*][vocab]: the first index of
+// the largest value (NaN never wins; 0 when nothing beats -inf), as engine/sampling.h PickGreedy.
+// Layout-compatible with tandem::TokenPick.
+struct DevicePick {
+  int32_t token;
+  float logprob;
+};
+cudaError_t LaunchPickGreedy(const float* logits, int64_t vocab, const int32_t* rows, int32_t n,
+                             DevicePick* out, cudaStream_t stream);
+
 // Token copies between canonical [n][token_elems] buffers and one layer of a paged store.
 // `table` starts at the block holding first_token.
 struct PagedCopyArgs {

@@ -16,6 +16,7 @@
 #include "engine/engine.h"
 #include "engine/internal/rope.h"
 #include "engine/model.h"
+#include "engine/sampling.h"
 #include "kvcache/block_pool.h"
 #include "kvcache/kv_store.h"
 #include "tests/engine/test_util.h"
@@ -266,6 +267,59 @@ TEST_P(CudaBackendTest, ChunkedPrefillAndMixedBatchesGiveTheSameLogits) {
   std::vector<float> got_b(both.begin() + vocab(), both.end());
   EXPECT_LE(RelMaxDiff(got_a, alone_a.step_logits[0]), 1e-4);
   EXPECT_LE(RelMaxDiff(got_b, alone_b.prompt_logits), 1e-4);
+}
+
+// Greedy rows reduced on the device: the same token and logprob as PickGreedy over the row that
+// a full copy returns, and the rows that are not picks still come back whole and in order.
+TEST_P(CudaBackendTest, DevicePicksEqualTheHostPickOfTheFullRow) {
+  const KvStoreLayout layout = Layout(16, DType::kF32);
+  auto backend = Cuda(layout);
+  ASSERT_NE(backend, nullptr);
+  ASSERT_TRUE(backend->ReturnsPicks());
+  BlockPool pool(kNumBlocks, 16);
+  const auto& cases = golden_["cases"];
+  auto run = [&](const std::vector<bool>& pick, std::vector<TokenPick>* picks) {
+    std::vector<Sequence> seqs(3);
+    std::vector<SequenceChunk> chunks(3);
+    int64_t n_full = 0;
+    int64_t n_picks = 0;
+    for (size_t i = 0; i < 3; ++i) {
+      seqs[i].tokens = cases[i % cases.size()]["input_ids"].get<std::vector<int32_t>>();
+      seqs[i].tokens.push_back(static_cast<int32_t>(i + 1));  // distinct prompts
+      Reserve(pool, seqs[i], static_cast<int64_t>(seqs[i].tokens.size()));
+      chunks[i].tokens = seqs[i].tokens;
+      chunks[i].block_table = seqs[i].table;
+      chunks[i].want_logits = true;
+      chunks[i].pick = pick[i];
+      (pick[i] ? n_picks : n_full) += 1;
+    }
+    std::vector<float> logits(n_full * vocab());
+    picks->assign(n_picks, TokenPick{-1, 0.0f});
+    ForwardBatch batch;
+    batch.chunks = chunks;
+    batch.picks = *picks;
+    absl::Status st = backend->Forward(batch, logits);
+    EXPECT_TRUE(st.ok()) << st;
+    for (auto& s : seqs) pool.Release(s.table);
+    return logits;
+  };
+  std::vector<TokenPick> none;
+  const std::vector<float> full = run({false, false, false}, &none);
+  std::vector<TokenPick> picks;
+  const std::vector<float> mixed = run({true, false, true}, &picks);
+  ASSERT_EQ(picks.size(), 2u);
+  ASSERT_EQ(mixed.size(), static_cast<size_t>(vocab()));
+  const std::span<const float> rows(full);
+  EXPECT_LE(RelMaxDiff(mixed, std::vector<float>(rows.begin() + vocab(),
+                                                 rows.begin() + 2 * vocab())),
+            1e-6);
+  for (int k = 0; k < 2; ++k) {
+    const int row = k == 0 ? 0 : 2;
+    const TokenPick want = PickGreedy(rows.subspan(row * vocab(), vocab()));
+    EXPECT_EQ(picks[k].token, want.token) << "row " << row;
+    EXPECT_NEAR(picks[k].logprob, want.logprob, 1e-4) << "row " << row;
+  }
+  EXPECT_EQ(pool.num_free_blocks(), pool.num_blocks());
 }
 
 TEST_P(CudaBackendTest, SplitKAttentionMatchesUnsplit) {
