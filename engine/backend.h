@@ -52,6 +52,10 @@ struct BackendOptions {
   // max_kv_blocks blocks (0: no cap). The store's layout() reports the count chosen. 0: off.
   double kv_memory_fraction = 0;
   int32_t max_kv_blocks = 0;
+  // GPU backends with bf16/f16 weights: true feeds GEMMs each activation as a hi + lo pair
+  // (~fp32 results, twice the GEMM arithmetic); false rounds activations once to the weight
+  // dtype (bf16 compute, as PyTorch runs such checkpoints: the fastest prefill).
+  bool gpu_exact_activations = true;
 };
 
 class Backend {

@@ -28,6 +28,9 @@ struct EngineOptions {
   // the activation workspace (vLLM's gpu_memory_utilization, applied to what is left); replaces
   // kv_cache_bytes when set. 0: off. The cpu backend refuses it.
   double kv_memory_fraction = 0;
+  // GPU backends, bf16/f16 weights: ~fp32-exact activations into the GEMMs (true) or bf16
+  // compute (false, faster prefill; see BackendOptions::gpu_exact_activations).
+  bool gpu_exact_activations = true;
   DType kv_dtype = DType::kF32;
   int num_threads = 0;                      // cpu: 0 = one per hardware thread
   int32_t max_batch_tokens = 2048;          // tokens in one step (prefill chunks + decodes)

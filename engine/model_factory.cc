@@ -1,6 +1,7 @@
 // Deterministic random model folders in Hugging Face layout.
 #include "engine/model_factory.h"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -8,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
+#include "engine/internal/thread_pool.h"
 #include "engine/safetensors.h"
 #include "engine/sampling.h"
 
@@ -53,33 +55,89 @@ absl::Status WriteText(const std::filesystem::path& p, const std::string& text) 
   return absl::OkStatus();
 }
 
+// Collects the tensors of a model and fills them with values uniform in
+// [center - spread, center + spread]. Element i of the k-th tensor made comes from a generator
+// seeded by (seed, k, i / kChunk), so the values depend on the seed and the tensor list only,
+// never on how many threads fill them.
 class TensorMaker {
  public:
-  TensorMaker(DType dtype, uint64_t seed) : dtype_(dtype), rng_(seed) {}
+  TensorMaker(DType dtype, uint64_t seed) : dtype_(dtype), seed_(seed) {}
 
-  // Values uniform in [center - spread, center + spread].
-  TensorToWrite Make(std::string name, std::vector<int64_t> shape, float center, float spread) {
-    TensorToWrite t;
-    t.name = std::move(name);
-    t.dtype = dtype_;
-    t.shape = std::move(shape);
-    int64_t n = 1;
-    for (int64_t d : t.shape) n *= d;
-    t.data.resize(static_cast<size_t>(n) * DTypeSize(dtype_));
-    std::vector<float> buf(std::min<int64_t>(n, 1 << 16));
-    for (int64_t off = 0; off < n; off += static_cast<int64_t>(buf.size())) {
-      const int64_t m = std::min<int64_t>(static_cast<int64_t>(buf.size()), n - off);
-      for (int64_t i = 0; i < m; ++i) {
-        buf[i] = center + spread * static_cast<float>(2.0 * rng_.Uniform() - 1.0);
+  void Make(std::string name, std::vector<int64_t> shape, float center, float spread) {
+    Pending p;
+    p.tensor.name = std::move(name);
+    p.tensor.dtype = dtype_;
+    p.tensor.shape = std::move(shape);
+    p.center = center;
+    p.spread = spread;
+    pending_.push_back(std::move(p));
+  }
+
+  // Allocates and fills every tensor, on all hardware threads unless the model is tiny (a
+  // Llama-3-8B is 8e9 values).
+  std::vector<TensorToWrite> Fill() {
+    int64_t total = 0;
+    for (const Pending& p : pending_) total += Elements(p);
+    internal::ThreadPool pool(total < 64 * kChunk ? 1 : 0);
+    const size_t esize = DTypeSize(dtype_);
+    // Allocation first-touches the pages: spread that over the threads too.
+    pool.ParallelFor(static_cast<int64_t>(pending_.size()), 1, [&](int64_t b, int64_t e) {
+      for (int64_t k = b; k < e; ++k) {
+        pending_[k].tensor.data.resize(static_cast<size_t>(Elements(pending_[k])) * esize);
       }
-      ConvertElements(DType::kF32, buf.data(), dtype_, t.data.data() + off * DTypeSize(dtype_), m);
+    });
+    std::vector<std::pair<int32_t, int64_t>> chunks;  // (tensor, chunk index)
+    for (size_t k = 0; k < pending_.size(); ++k) {
+      const int64_t n = Elements(pending_[k]);
+      for (int64_t c = 0; c * kChunk < n; ++c) chunks.emplace_back(static_cast<int32_t>(k), c);
     }
-    return t;
+    pool.ParallelFor(static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
+      std::vector<float> buf(kChunk);
+      for (int64_t i = b; i < e; ++i) {
+        const auto [k, c] = chunks[i];
+        Pending& p = pending_[k];
+        const int64_t off = c * kChunk;
+        const int64_t m = std::min(kChunk, Elements(p) - off);
+        Rng rng(Mix(Mix(seed_ ^ Mix(static_cast<uint64_t>(k))) ^ static_cast<uint64_t>(c)));
+        for (int64_t j = 0; j < m; ++j) {
+          buf[j] = p.center + p.spread * static_cast<float>(2.0 * rng.Uniform() - 1.0);
+        }
+        ConvertElements(DType::kF32, buf.data(), dtype_, p.tensor.data.data() + off * esize, m);
+      }
+    });
+    std::vector<TensorToWrite> out;
+    out.reserve(pending_.size());
+    for (Pending& p : pending_) out.push_back(std::move(p.tensor));
+    pending_.clear();
+    return out;
   }
 
  private:
+  static constexpr int64_t kChunk = int64_t{1} << 18;
+
+  struct Pending {
+    TensorToWrite tensor;
+    float center = 0;
+    float spread = 0;
+  };
+
+  static int64_t Elements(const Pending& p) {
+    int64_t n = 1;
+    for (int64_t d : p.tensor.shape) n *= d;
+    return n;
+  }
+
+  // SplitMix64's finaliser: neighbouring inputs give unrelated seeds.
+  static uint64_t Mix(uint64_t x) {
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+  }
+
   DType dtype_;
-  Rng rng_;
+  uint64_t seed_;
+  std::vector<Pending> pending_;
 };
 
 }  // namespace
@@ -177,33 +235,33 @@ absl::Status WriteRandomModel(const std::string& dir, const RandomModelSpec& spe
   const float w_h = std::sqrt(3.0f / static_cast<float>(H));
   const float w_q = std::sqrt(3.0f / static_cast<float>(q_dim));
   const float w_i = std::sqrt(3.0f / static_cast<float>(I));
-  std::vector<TensorToWrite> t;
-  t.push_back(mk.Make("model.embed_tokens.weight", {spec.vocab_size, H}, 0.0f, 1.0f));
-  t.push_back(mk.Make("model.norm.weight", {H}, 1.0f, 0.1f));
+  mk.Make("model.embed_tokens.weight", {spec.vocab_size, H}, 0.0f, 1.0f);
+  mk.Make("model.norm.weight", {H}, 1.0f, 0.1f);
   if (!spec.tie_word_embeddings) {
-    t.push_back(mk.Make("lm_head.weight", {spec.vocab_size, H}, 0.0f, w_h));
+    mk.Make("lm_head.weight", {spec.vocab_size, H}, 0.0f, w_h);
   }
   for (int32_t l = 0; l < spec.num_layers; ++l) {
     const std::string p = absl::StrCat("model.layers.", l, ".");
-    t.push_back(mk.Make(p + "input_layernorm.weight", {H}, 1.0f, 0.1f));
-    t.push_back(mk.Make(p + "post_attention_layernorm.weight", {H}, 1.0f, 0.1f));
-    t.push_back(mk.Make(p + "self_attn.q_proj.weight", {q_dim, H}, 0.0f, w_h));
-    t.push_back(mk.Make(p + "self_attn.k_proj.weight", {kv_dim, H}, 0.0f, w_h));
-    t.push_back(mk.Make(p + "self_attn.v_proj.weight", {kv_dim, H}, 0.0f, w_h));
-    t.push_back(mk.Make(p + "self_attn.o_proj.weight", {H, q_dim}, 0.0f, w_q));
+    mk.Make(p + "input_layernorm.weight", {H}, 1.0f, 0.1f);
+    mk.Make(p + "post_attention_layernorm.weight", {H}, 1.0f, 0.1f);
+    mk.Make(p + "self_attn.q_proj.weight", {q_dim, H}, 0.0f, w_h);
+    mk.Make(p + "self_attn.k_proj.weight", {kv_dim, H}, 0.0f, w_h);
+    mk.Make(p + "self_attn.v_proj.weight", {kv_dim, H}, 0.0f, w_h);
+    mk.Make(p + "self_attn.o_proj.weight", {H, q_dim}, 0.0f, w_q);
     if (qwen2) {
-      t.push_back(mk.Make(p + "self_attn.q_proj.bias", {q_dim}, 0.0f, 0.1f));
-      t.push_back(mk.Make(p + "self_attn.k_proj.bias", {kv_dim}, 0.0f, 0.1f));
-      t.push_back(mk.Make(p + "self_attn.v_proj.bias", {kv_dim}, 0.0f, 0.1f));
+      mk.Make(p + "self_attn.q_proj.bias", {q_dim}, 0.0f, 0.1f);
+      mk.Make(p + "self_attn.k_proj.bias", {kv_dim}, 0.0f, 0.1f);
+      mk.Make(p + "self_attn.v_proj.bias", {kv_dim}, 0.0f, 0.1f);
     }
     if (qwen3) {
-      t.push_back(mk.Make(p + "self_attn.q_norm.weight", {head_dim}, 1.0f, 0.1f));
-      t.push_back(mk.Make(p + "self_attn.k_norm.weight", {head_dim}, 1.0f, 0.1f));
+      mk.Make(p + "self_attn.q_norm.weight", {head_dim}, 1.0f, 0.1f);
+      mk.Make(p + "self_attn.k_norm.weight", {head_dim}, 1.0f, 0.1f);
     }
-    t.push_back(mk.Make(p + "mlp.gate_proj.weight", {I, H}, 0.0f, w_h));
-    t.push_back(mk.Make(p + "mlp.up_proj.weight", {I, H}, 0.0f, w_h));
-    t.push_back(mk.Make(p + "mlp.down_proj.weight", {H, I}, 0.0f, w_i));
+    mk.Make(p + "mlp.gate_proj.weight", {I, H}, 0.0f, w_h);
+    mk.Make(p + "mlp.up_proj.weight", {I, H}, 0.0f, w_h);
+    mk.Make(p + "mlp.down_proj.weight", {H, I}, 0.0f, w_i);
   }
+  const std::vector<TensorToWrite> t = mk.Fill();
   if (absl::Status s = WriteSafetensors((fs::path(dir) / "model.safetensors").string(), t,
                                         {{"format", "pt"}});
       !s.ok()) {

@@ -29,6 +29,9 @@ void AddEngineFlags(CLI::App* cmd, tandem::EngineOptions& e, std::string& kv_dty
                   "GPU backends: KV pool = this fraction of the device memory free after the "
                   "weights (replaces --kv-cache-mb; 0: off)")
       ->check(CLI::Range(0.0, 1.0));
+  cmd->add_flag("!--gpu-fast-activations", e.gpu_exact_activations,
+                "GPU backends, bf16/f16 weights: bf16 compute (faster prefill) instead of "
+                "~fp32-exact activations into the GEMMs");
   cmd->add_option("--threads", e.num_threads, "CPU threads (0: all)")->capture_default_str();
   cmd->add_option("--max-batch-tokens", e.max_batch_tokens, "Tokens per step")
       ->capture_default_str();

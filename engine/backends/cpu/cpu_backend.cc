@@ -324,8 +324,12 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(std::string_view kind,
   }
 #if defined(TANDEM_HAVE_CUDA_BACKEND)
   if (kind == "cuda") {
+    CudaBackendOptions cuda;
+    cuda.activation_precision = options.gpu_exact_activations
+                                    ? GpuActivationPrecision::kSplit
+                                    : GpuActivationPrecision::kWeightDtype;
     return CreateCudaBackend(model, kv_layout, options,
-                             internal::RopeTable::Create(model.config).inv_freq());
+                             internal::RopeTable::Create(model.config).inv_freq(), cuda);
   }
 #endif
   if (kind == "cuda" || kind == "hip") {

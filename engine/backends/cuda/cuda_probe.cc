@@ -185,6 +185,9 @@ absl::StatusOr<double> CudaMeasureGemmTflops(int device, int n) {
   TANDEM_STATUS_RETURN_IF_ERROR(ab.Reserve(2 * bytes, "GEMM operands"));
   TANDEM_STATUS_RETURN_IF_ERROR(c.Reserve(bytes, "GEMM result"));
   TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpy(ab.get(), host.data(), 2 * bytes, cudaMemcpyHostToDevice));
+  // A pageable-memory cudaMemcpy may return before its DMA lands, and the timing stream does not
+  // order after the legacy stream.
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
   host = {};
   const auto* a = ab.as<const uint16_t>();
   const auto* b = a + elems;

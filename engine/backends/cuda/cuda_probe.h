@@ -20,7 +20,7 @@ struct CudaDeviceInfo {
   // 2 (double data rate) x peak memory clock x bus width, in GB/s (1 GB = 1e9 B); 0 when the
   // driver does not report the clock.
   double theoretical_bandwidth_gbps = 0;
-  int driver_version = 0;   // e.g. 13000 for 13.0
+  int driver_version = 0;  // e.g. 13000 for 13.0
   int runtime_version = 0;
 };
 
