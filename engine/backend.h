@@ -56,6 +56,8 @@ struct BackendOptions {
   // (~fp32 results, twice the GEMM arithmetic); false rounds activations once to the weight
   // dtype (bf16 compute, as PyTorch runs such checkpoints: the fastest prefill).
   bool gpu_exact_activations = true;
+  // GPU backends: replay plain greedy decode steps as device graphs (CUDA graphs).
+  bool gpu_graphs = false;
 };
 
 class Backend {

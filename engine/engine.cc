@@ -120,6 +120,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   bo.max_batch_tokens = options.max_batch_tokens;
   bo.max_logit_rows = std::min(options.max_batch_tokens, options.max_num_seqs);
   bo.gpu_exact_activations = options.gpu_exact_activations;
+  bo.gpu_graphs = options.gpu_graphs;
   if (by_fraction) {
     bo.kv_memory_fraction = options.kv_memory_fraction;
     bo.max_kv_blocks = static_cast<int32_t>(std::min<int64_t>(useful_blocks, int64_t{1} << 30));

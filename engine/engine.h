@@ -31,6 +31,9 @@ struct EngineOptions {
   // GPU backends, bf16/f16 weights: ~fp32-exact activations into the GEMMs (true) or bf16
   // compute (false, faster prefill; see BackendOptions::gpu_exact_activations).
   bool gpu_exact_activations = true;
+  // GPU backends: replay greedy decode steps as CUDA graphs (fewer launches per token). Off
+  // until verified on a device.
+  bool gpu_graphs = false;
   DType kv_dtype = DType::kF32;
   int num_threads = 0;                      // cpu: 0 = one per hardware thread
   int32_t max_batch_tokens = 2048;          // tokens in one step (prefill chunks + decodes)

@@ -32,6 +32,8 @@ void AddEngineFlags(CLI::App* cmd, tandem::EngineOptions& e, std::string& kv_dty
   cmd->add_flag("!--gpu-fast-activations", e.gpu_exact_activations,
                 "GPU backends, bf16/f16 weights: bf16 compute (faster prefill) instead of "
                 "~fp32-exact activations into the GEMMs");
+  cmd->add_flag("--cuda-graphs", e.gpu_graphs,
+                "cuda backend: replay greedy decode steps as CUDA graphs (experimental)");
   cmd->add_option("--threads", e.num_threads, "CPU threads (0: all)")->capture_default_str();
   cmd->add_option("--max-batch-tokens", e.max_batch_tokens, "Tokens per step")
       ->capture_default_str();

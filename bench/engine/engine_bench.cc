@@ -27,6 +27,7 @@
 #include "engine/internal/thread_pool.h"
 #include "engine/model_factory.h"
 #if defined(TANDEM_HAVE_CUDA_BACKEND)
+#include "engine/backends/cuda/cuda_backend.h"
 #include "engine/backends/cuda/cuda_probe.h"
 #endif
 
@@ -106,6 +107,7 @@ constexpr const char* kUsage =
     "  --kv-dtype T           f32, bf16 or f16 (default f32 on cpu, bf16 on cuda)\n"
     "  --activations M        cuda, bf16/f16 weights: fast (bf16 compute, default, as the\n"
     "                         PyTorch peer) or exact (hi + lo pairs: ~fp32, 2x GEMM work)\n"
+    "  --cuda-graphs          cuda: replay greedy decode steps as CUDA graphs\n"
     "  --peak-tflops X        peak for mfu_vs_peak (default 989 on cuda: H100 SXM dense bf16;\n"
     "                         none on cpu)\n"
     "  --gemm-n N             cuda GEMM baseline size (default 8192)\n"
@@ -127,7 +129,8 @@ struct Args {
   int warmup_reps = -1;
   double kv_cache_gib = 0;
   std::string kv_dtype;
-  std::string activations = "fast";  // GPU: "fast" (bf16 compute, as the PyTorch peer) or "exact"
+  std::string activations = "fast";
+  bool cuda_graphs = false;  // GPU: "fast" (bf16 compute, as the PyTorch peer) or "exact"
   std::optional<double> peak_tflops;
   int gemm_n = 8192;
   int copy_mib = 2048;
@@ -156,6 +159,10 @@ bool ParseArgs(int argc, char** argv, Args& a) {
     }
     if (k == "--make-model-only") {
       a.make_model_only = true;
+      continue;
+    }
+    if (k == "--cuda-graphs") {
+      a.cuda_graphs = true;
       continue;
     }
     if (k == "--help" || k == "-h") {
@@ -495,6 +502,7 @@ int main(int argc, char** argv) {
   o.block_size = block_size;
   o.kv_dtype = kv_dtype;
   o.gpu_exact_activations = a.activations == "exact";
+  o.gpu_graphs = a.cuda_graphs;
   o.enable_prefix_cache = false;
   // A whole prompt in one step (no chunking), all prompts of a decode batch in one step, and
   // every sequence of a batch in every decode step.
@@ -626,6 +634,13 @@ int main(int argc, char** argv) {
   if (decode_tps.contains("1") && roofline_tps > 0) {
     b1_fraction = decode_tps["1"].get<double>() / roofline_tps;
   }
+  json graph_stats = nullptr;
+#if defined(TANDEM_HAVE_CUDA_BACKEND)
+  if (cuda) {
+    const tandem::CudaGraphStats g = tandem::GetCudaGraphStats(e.backend());
+    graph_stats = {{"captured", g.captured}, {"replayed", g.replayed}, {"failed", g.failed}};
+  }
+#endif
   json out = {
       {"tool", "bench/engine/engine_bench"},
       {"backend", a.backend},
@@ -645,6 +660,7 @@ int main(int argc, char** argv) {
         {"weight_dtype", std::string(tandem::DTypeName(m.layers.at(0).wq->dtype))}}},
       {"threads", a.threads},
       {"gpu", gpu},
+      {"cuda_graph_stats", graph_stats},
       {"settings",
        {{"batches", a.batches},
         {"prefill_lengths", a.prefill},
@@ -655,6 +671,7 @@ int main(int argc, char** argv) {
         {"statistic", "median of reps (baselines: best of several)"},
         {"kv_dtype", a.kv_dtype},
         {"activations", cuda ? json(a.activations) : json(nullptr)},
+        {"cuda_graphs", a.cuda_graphs},
         {"kv_cache_bytes", o.kv_cache_bytes},
         {"block_size", block_size},
         {"max_batch_tokens", o.max_batch_tokens},

@@ -328,6 +328,7 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(std::string_view kind,
     cuda.activation_precision = options.gpu_exact_activations
                                     ? GpuActivationPrecision::kSplit
                                     : GpuActivationPrecision::kWeightDtype;
+    cuda.cuda_graphs = options.gpu_graphs;
     return CreateCudaBackend(model, kv_layout, options,
                              internal::RopeTable::Create(model.config).inv_freq(), cuda);
   }

@@ -15,8 +15,11 @@
 #include <cstddef>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <initializer_list>
+#include <map>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "engine/backends/cuda/cuda_util.h"
@@ -135,6 +138,7 @@ class CudaBackend final : public Backend {
   std::string_view name() const override { return "cuda"; }
   KvStore& kv_store() override { return *store_; }
   bool ReturnsPicks() const override { return true; }
+  CudaGraphStats graph_stats() const { return graph_stats_; }
   absl::Status Forward(const ForwardBatch& batch, std::span<float> logits) override;
 
  private:
@@ -142,6 +146,16 @@ class CudaBackend final : public Backend {
   // uploads it in one copy.
   absl::Status PrepareStep(const ForwardBatch& batch, int64_t T);
   absl::Status ReserveBuffers(int64_t T, int64_t n_logits);
+  // Enqueues the step's kernels on stream_ (embedding .. picks), everything but the copies of
+  // whole logits rows. on_layer_done: the KV-export callback, never inside a graph.
+  absl::Status EnqueueStep(int64_t T, int64_t n_logits, int64_t n_picks, int32_t num_splits,
+                           const std::function<void(int32_t)>* on_layer_done);
+  // Replays (capturing first if needed) the step as a CUDA graph; *ran = false when graphs are
+  // unavailable and the caller must enqueue the step itself.
+  absl::Status RunAsGraph(int64_t T, int64_t n_logits, int64_t n_picks, int32_t num_splits,
+                          bool* ran);
+  // Device and pinned addresses a captured step bakes in.
+  std::vector<const void*> GraphAddresses() const;
 
   // GEMM input for M rows against `w`.
   gpu::ActOut ActFor(const DeviceMatrix& w, int64_t M) const {
@@ -198,12 +212,26 @@ class CudaBackend final : public Backend {
 
   // Activations, grown on demand.
   DeviceBuffer x_, act_, y_, q_, attn_, cos_sin_, part_o_, part_ml_, logits_;
+
+  // CUDA graphs of decode steps, by (tokens, attention splits). A graph is valid while every
+  // buffer it touches stays at the address it was captured with.
+  struct StepGraph {
+    cudaGraphExec_t exec = nullptr;
+    std::vector<const void*> addresses;
+  };
+  std::map<std::pair<int64_t, int32_t>, StepGraph> graphs_;
+  bool graphs_failed_ = false;
+  CudaGraphStats graph_stats_;
+  DeviceBuffer cublas_workspace_;  // fixed, so cuBLAS allocates nothing inside a capture
 };
 
 CudaBackend::~CudaBackend() {
   cudaSetDevice(opts_.device);
   if (stream_ != nullptr) {
     cudaStreamSynchronize(stream_);
+  }
+  for (auto& [key, g] : graphs_) {
+    cudaGraphExecDestroy(g.exec);
   }
   if (cublas_ != nullptr) {
     cublasDestroy(cublas_);
@@ -224,6 +252,12 @@ absl::Status CudaBackend::Init(const ModelWeights& model, const std::vector<floa
   TANDEM_CUBLAS_RETURN_IF_ERROR(cublasSetStream(cublas_, stream_));
   // fp32 GEMMs stay fp32 (no TF32): f32 checkpoints are the exact-reference case.
   TANDEM_CUBLAS_RETURN_IF_ERROR(cublasSetMathMode(cublas_, CUBLAS_DEFAULT_MATH));
+  if (opts_.cuda_graphs) {
+    constexpr size_t kWorkspace = size_t{32} << 20;
+    TANDEM_STATUS_RETURN_IF_ERROR(cublas_workspace_.Reserve(kWorkspace, "cuBLAS workspace"));
+    TANDEM_CUBLAS_RETURN_IF_ERROR(
+        cublasSetWorkspace(cublas_, cublas_workspace_.get(), kWorkspace));
+  }
   TANDEM_CUDA_RETURN_IF_ERROR(
       cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, opts_.device));
 
@@ -378,13 +412,16 @@ absl::Status CudaBackend::PrepareStep(const ForwardBatch& batch, int64_t T) {
   const size_t o_ids = section(ids_.size() * sizeof(int32_t));
   const size_t o_pos = section(pos_.size() * sizeof(int32_t));
   const size_t o_rows = section(logit_rows_.size() * sizeof(int32_t));
-  const size_t o_tables = section(tables_.size() * sizeof(int32_t));
   const size_t o_slots = section(slots_.size() * sizeof(int64_t));
   const size_t o_chunks = section(chunks_.size() * sizeof(gpu::AttnChunk));
   const size_t o_tiles = section(tiles_.size() * sizeof(gpu::AttnTile));
   const size_t o_picks = section(pick_rows_.size() * sizeof(int32_t));
-  TANDEM_STATUS_RETURN_IF_ERROR(meta_host_.Reserve(off, "step metadata (host)"));
-  TANDEM_STATUS_RETURN_IF_ERROR(meta_dev_.Reserve(off, "step metadata (device)"));
+  // Block tables last: they grow with the contexts, and every other section then keeps its
+  // offset from step to step of the same batch (what a replayed CUDA graph needs).
+  const size_t o_tables = section(tables_.size() * sizeof(int32_t));
+  const size_t meta_bytes = std::max(off, size_t{1} << 20);
+  TANDEM_STATUS_RETURN_IF_ERROR(meta_host_.Reserve(meta_bytes, "step metadata (host)"));
+  TANDEM_STATUS_RETURN_IF_ERROR(meta_dev_.Reserve(meta_bytes, "step metadata (device)"));
   std::byte* h = meta_host_.bytes_ptr();
   auto put = [h](size_t at, const auto& v) {
     if (!v.empty()) {
@@ -439,14 +476,10 @@ absl::Status CudaBackend::ReserveBuffers(int64_t T, int64_t n_logits) {
 }
 
 absl::Status CudaBackend::Forward(const ForwardBatch& batch, std::span<float> logits) {
-  const int64_t H = cfg_.hidden_size;
   const int32_t hd = cfg_.head_dim;
   const int32_t nh = cfg_.num_heads;
   const int32_t nkv = cfg_.num_kv_heads;
-  const int64_t q_dim = static_cast<int64_t>(nh) * hd;
-  const int64_t I = cfg_.intermediate_size;
   const int64_t V = cfg_.vocab_size;
-  const float eps = cfg_.rms_norm_eps;
 
   int64_t T = 0;
   int64_t n_logits = 0;
@@ -499,6 +532,58 @@ absl::Status CudaBackend::Forward(const ForwardBatch& batch, std::span<float> lo
     }
   }
 
+  if (n_picks > 0) {
+    const size_t bytes = static_cast<size_t>(n_picks) * sizeof(gpu::DevicePick);
+    TANDEM_STATUS_RETURN_IF_ERROR(picks_dev_.Reserve(bytes, "picks (device)"));
+    TANDEM_STATUS_RETURN_IF_ERROR(picks_host_.Reserve(bytes, "picks (host)"));
+  }
+
+  // A step of decodes whose rows are all picks can be a CUDA graph (no host work between
+  // kernels, nothing copied to pageable memory); anything else is enqueued kernel by kernel.
+  const bool layer_callback = batch.on_layer_done != nullptr && *batch.on_layer_done;
+  const bool graphable = opts_.cuda_graphs && !graphs_failed_ && !layer_callback &&
+                         T == static_cast<int64_t>(batch.chunks.size()) && n_logits == T &&
+                         n_picks == T;
+  bool ran = false;
+  if (graphable) {
+    TANDEM_STATUS_RETURN_IF_ERROR(RunAsGraph(T, n_logits, n_picks, num_splits, &ran));
+  }
+  if (!ran) {
+    TANDEM_STATUS_RETURN_IF_ERROR(
+        EnqueueStep(T, n_logits, n_picks, num_splits, layer_callback ? batch.on_layer_done : nullptr));
+  }
+  const float* d_logits = logits_.as<float>();
+  for (size_t i = 0; i < full_rows_.size();) {
+    size_t run = 1;
+    while (i + run < full_rows_.size() &&
+           full_rows_[i + run] == full_rows_[i] + static_cast<int32_t>(run)) {
+      ++run;
+    }
+    TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
+        logits.data() + static_cast<int64_t>(i) * V,
+        d_logits + static_cast<int64_t>(full_rows_[i]) * V, run * V * sizeof(float),
+        cudaMemcpyDeviceToHost, stream_));
+    i += run;
+  }
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  if (n_picks > 0) {
+    std::memcpy(batch.picks.data(), picks_host_.bytes_ptr(),
+                static_cast<size_t>(n_picks) * sizeof(TokenPick));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::EnqueueStep(int64_t T, int64_t n_logits, int64_t n_picks,
+                                      int32_t num_splits,
+                                      const std::function<void(int32_t)>* on_layer_done) {
+  const int64_t H = cfg_.hidden_size;
+  const int32_t hd = cfg_.head_dim;
+  const int32_t nh = cfg_.num_heads;
+  const int32_t nkv = cfg_.num_kv_heads;
+  const int64_t q_dim = static_cast<int64_t>(nh) * hd;
+  const int64_t I = cfg_.intermediate_size;
+  const int64_t V = cfg_.vocab_size;
+  const float eps = cfg_.rms_norm_eps;
   float* x = x_.as<float>();
   float* y = y_.as<float>();
   TANDEM_CUDA_RETURN_IF_ERROR(
@@ -507,7 +592,7 @@ absl::Status CudaBackend::Forward(const ForwardBatch& batch, std::span<float> lo
   TANDEM_CUDA_RETURN_IF_ERROR(gpu::LaunchRopeCosSin(d_pos_, T, inv_freq_.as<float>(), hd / 2,
                                                     cos_sin_.as<float>(), stream_));
 
-  const bool want_layer_done = batch.on_layer_done != nullptr && *batch.on_layer_done;
+  const bool want_layer_done = on_layer_done != nullptr && *on_layer_done;
   gpu::FoldedIn delta;  // the previous layer's MLP output, added into x by the next norm
   for (int32_t l = 0; l < cfg_.num_layers; ++l) {
     const DeviceLayer& D = layers_[l];
@@ -594,7 +679,7 @@ absl::Status CudaBackend::Forward(const ForwardBatch& batch, std::span<float> lo
     if (want_layer_done) {
       // The rest of this layer keeps running on the device while the callback reads the KV.
       TANDEM_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(kv_ready_));
-      (*batch.on_layer_done)(l);
+      (*on_layer_done)(l);
     }
   }
 
@@ -618,39 +703,74 @@ absl::Status CudaBackend::Forward(const ForwardBatch& batch, std::span<float> lo
     if (out->lo_offset > 0) {
       TANDEM_CUDA_RETURN_IF_ERROR(gpu::LaunchFold(d_logits, n_logits * V, stream_));
     }
-    // Greedy rows come back as 8-byte picks; the others whole, one copy per run of rows.
+    // Greedy rows come back as 8-byte picks (the others are copied by the caller).
     if (n_picks > 0) {
       const size_t bytes = static_cast<size_t>(n_picks) * sizeof(gpu::DevicePick);
-      TANDEM_STATUS_RETURN_IF_ERROR(picks_dev_.Reserve(bytes, "picks (device)"));
-      TANDEM_STATUS_RETURN_IF_ERROR(picks_host_.Reserve(bytes, "picks (host)"));
       TANDEM_CUDA_RETURN_IF_ERROR(gpu::LaunchPickGreedy(d_logits, V, d_pick_rows_,
                                                         static_cast<int32_t>(n_picks),
                                                         picks_dev_.as<gpu::DevicePick>(), stream_));
       TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(picks_host_.bytes_ptr(), picks_dev_.get(), bytes,
                                                   cudaMemcpyDeviceToHost, stream_));
     }
-    for (size_t i = 0; i < full_rows_.size();) {
-      size_t run = 1;
-      while (i + run < full_rows_.size() &&
-             full_rows_[i + run] == full_rows_[i] + static_cast<int32_t>(run)) {
-        ++run;
-      }
-      TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
-          logits.data() + static_cast<int64_t>(i) * V,
-          d_logits + static_cast<int64_t>(full_rows_[i]) * V, run * V * sizeof(float),
-          cudaMemcpyDeviceToHost, stream_));
-      i += run;
-    }
-  }
-  TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
-  if (n_picks > 0) {
-    std::memcpy(batch.picks.data(), picks_host_.bytes_ptr(),
-                static_cast<size_t>(n_picks) * sizeof(TokenPick));
   }
   return absl::OkStatus();
 }
 
+std::vector<const void*> CudaBackend::GraphAddresses() const {
+  return {x_.get(),     act_.get(),     y_.get(),         q_.get(),          attn_.get(),
+          cos_sin_.get(), part_o_.get(), part_ml_.get(),   logits_.get(),     meta_dev_.get(),
+          d_ids_,       d_pos_,         d_logit_rows_,    d_slots_,          d_chunks_,
+          d_tiles_,     d_pick_rows_,   d_tables_,        picks_dev_.get(),  picks_host_.get()};
+}
+
+absl::Status CudaBackend::RunAsGraph(int64_t T, int64_t n_logits, int64_t n_picks,
+                                     int32_t num_splits, bool* ran) {
+  *ran = false;
+  const std::pair<int64_t, int32_t> key{T, num_splits};
+  std::vector<const void*> addresses = GraphAddresses();
+  auto it = graphs_.find(key);
+  if (it != graphs_.end() && it->second.addresses != addresses) {
+    cudaGraphExecDestroy(it->second.exec);  // a buffer moved: capture again
+    graphs_.erase(it);
+    it = graphs_.end();
+  }
+  if (it == graphs_.end()) {
+    cudaGraph_t graph = nullptr;
+    TANDEM_CUDA_RETURN_IF_ERROR(
+        cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+    const absl::Status enqueued = EnqueueStep(T, n_logits, n_picks, num_splits, nullptr);
+    const cudaError_t ended = cudaStreamEndCapture(stream_, &graph);
+    cudaGraphExec_t exec = nullptr;
+    cudaError_t made = cudaErrorUnknown;
+    if (enqueued.ok() && ended == cudaSuccess && graph != nullptr) {
+      made = cudaGraphInstantiate(&exec, graph, 0);
+    }
+    if (graph != nullptr) {
+      cudaGraphDestroy(graph);
+    }
+    if (made != cudaSuccess) {
+      // Something in the step cannot be captured here: run every step the ordinary way.
+      cudaGetLastError();
+      graphs_failed_ = true;
+      graph_stats_.failed = true;
+      return absl::OkStatus();
+    }
+    it = graphs_.emplace(key, StepGraph{exec, std::move(addresses)}).first;
+    ++graph_stats_.captured;
+  }
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(it->second.exec, stream_));
+  ++graph_stats_.replayed;
+  *ran = true;
+  return absl::OkStatus();
+}
+
+
 }  // namespace
+
+CudaGraphStats GetCudaGraphStats(const Backend& backend) {
+  const auto* cuda = dynamic_cast<const CudaBackend*>(&backend);
+  return cuda != nullptr ? cuda->graph_stats() : CudaGraphStats{};
+}
 
 int CudaDeviceCount() {
   int count = 0;

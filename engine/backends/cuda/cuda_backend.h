@@ -28,6 +28,10 @@ struct CudaBackendOptions {
   GpuActivationPrecision activation_precision = GpuActivationPrecision::kSplit;
   // Upper bound on the split-K factor of attention over long contexts (1 disables splitting).
   int32_t max_attention_splits = 16;
+  // Replay decode steps as CUDA graphs, one per (batch size, attention splits): steps whose
+  // chunks are single decode tokens, all reduced to greedy picks, with no KV export. Off by
+  // default until verified on a device; a capture that fails turns graphs off for the backend.
+  bool cuda_graphs = false;
 };
 
 // `rope_inv_freq` is the model's RoPE frequency table (engine/internal/rope.h:
@@ -41,6 +45,15 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const ModelWeights& m
                                                            const BackendOptions& options,
                                                            std::vector<float> rope_inv_freq,
                                                            const CudaBackendOptions& cuda = {});
+
+// What the CUDA-graph path of a backend made by CreateCudaBackend did (zeros for any other
+// backend): graphs captured, steps replayed, and whether a capture failed (graphs then off).
+struct CudaGraphStats {
+  int64_t captured = 0;
+  int64_t replayed = 0;
+  bool failed = false;
+};
+CudaGraphStats GetCudaGraphStats(const Backend& backend);
 
 // Free memory of a CUDA device in bytes (cudaMemGetInfo), for sizing the KV pool.
 absl::StatusOr<int64_t> CudaFreeMemoryBytes(int device = 0);
