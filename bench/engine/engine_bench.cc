@@ -253,6 +253,22 @@ void Log(const std::string& line) { std::fprintf(stderr, "%s\n", line.c_str()); 
 std::string Message(const absl::Status& s) { return std::string(s.message()); }
 
 // What the decode and prefill runs need from the engine, and what they measure.
+// warmup_reps untimed runs, then reps timed ones (seconds each); the first error ends it.
+template <typename Once>
+absl::StatusOr<std::vector<double>> Repeat(const Args& a, Once once) {
+  std::vector<double> times;
+  for (int r = 0; r < a.warmup_reps + a.reps; ++r) {
+    absl::StatusOr<double> sec = once(r);
+    if (!sec.ok()) {
+      return sec.status();
+    }
+    if (r >= a.warmup_reps) {
+      times.push_back(*sec);
+    }
+  }
+  return times;
+}
+
 class Runner {
  public:
   Runner(tandem::Engine& e, const Args& a) : e_(e), a_(a) {}
@@ -568,21 +584,14 @@ int main(int argc, char** argv) {
   json decode_reps = json::object();
   for (int batch : a.batches) {
     const std::string key = std::to_string(batch);
-    std::vector<double> times;
-    absl::Status status;
-    for (int r = 0; r < a.warmup_reps + a.reps && status.ok(); ++r) {
-      auto sec = run.DecodeOnce(batch, 1000 * (r + 1));
-      if (!sec.ok()) {
-        status = sec.status();
-      } else if (r >= a.warmup_reps) {
-        times.push_back(*sec);
-      }
-    }
-    if (!status.ok()) {
-      errors["decode_b" + key] = Message(status);
-      Log(absl::StrCat("  decode batch ", batch, " FAILED: ", Message(status)));
+    absl::StatusOr<std::vector<double>> timed =
+        Repeat(a, [&](int r) { return run.DecodeOnce(batch, 1000 * (r + 1)); });
+    if (!timed.ok()) {
+      errors["decode_b" + key] = Message(timed.status());
+      Log(absl::StrCat("  decode batch ", batch, " FAILED: ", Message(timed.status())));
       continue;
     }
+    const std::vector<double>& times = *timed;
     const double med = Median(times);
     decode_tps[key] = static_cast<double>(batch) * a.decode_steps / med;
     decode_step_ms[key] = med / a.decode_steps * 1e3;
@@ -595,21 +604,14 @@ int main(int argc, char** argv) {
   for (size_t i = 0; i < a.prefill.size(); ++i) {
     const std::string key = std::to_string(a.prefill[i]);
     const int tokens = prefill_tokens[i];
-    std::vector<double> times;
-    absl::Status status;
-    for (int r = 0; r < a.warmup_reps + a.reps && status.ok(); ++r) {
-      auto sec = run.PrefillOnce(tokens, 7 + r);
-      if (!sec.ok()) {
-        status = sec.status();
-      } else if (r >= a.warmup_reps) {
-        times.push_back(*sec);
-      }
-    }
-    if (!status.ok()) {
-      errors["prefill_" + key] = Message(status);
-      Log(absl::StrCat("  prefill ", key, " FAILED: ", Message(status)));
+    absl::StatusOr<std::vector<double>> timed =
+        Repeat(a, [&](int r) { return run.PrefillOnce(tokens, 7 + r); });
+    if (!timed.ok()) {
+      errors["prefill_" + key] = Message(timed.status());
+      Log(absl::StrCat("  prefill ", key, " FAILED: ", Message(timed.status())));
       continue;
     }
+    const std::vector<double>& times = *timed;
     const double med = Median(times);
     const double t = tokens;
     const double flops = 2.0 * weight_params * t +
