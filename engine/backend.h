@@ -11,6 +11,7 @@
 #include <string_view>
 
 #include "absl/status/statusor.h"
+#include "engine/sampling.h"  // TokenPick
 #include "kvcache/block_pool.h"
 #include "kvcache/kv_store.h"
 
@@ -30,8 +31,6 @@ struct SequenceChunk {
   // logprob (PickGreedy in engine/sampling.h) in ForwardBatch::picks instead of the logits row.
   bool pick = false;
 };
-
-struct TokenPick;
 
 struct ForwardBatch {
   std::span<const SequenceChunk> chunks;
