@@ -20,6 +20,7 @@
 #include "server/common/grpc_server.h"
 #include "server/common/metrics.h"
 #include "server/common/registration.h"
+#include "server/http/openai_gateway.h"
 #include "tandem/v1/tandem.grpc.pb.h"
 
 namespace tandem {
@@ -63,9 +64,11 @@ struct RoleHandle {
 
 // Serves until a stop signal, keeping grpc.health.v1 in step with the roles' own health (a
 // stalled step loop turns the process NOT_SERVING), then drains and shuts down in order.
+// The HTTP gateway (when on) stops taking connections at the drain and is stopped, cancelling
+// what it still has in flight, before the gRPC servers and roles shut down.
 int ServeUntilSignal(const sigset_t& signals, std::vector<RoleHandle>& roles,
                      std::vector<std::unique_ptr<RegistrationClient>>& registrations,
-                     double grace_s) {
+                     double grace_s, OpenAiGateway* http = nullptr) {
   bool serving = true;
   while (!WaitForSignal(signals, std::chrono::milliseconds(250))) {
     bool healthy = true;
@@ -77,6 +80,7 @@ int ServeUntilSignal(const sigset_t& signals, std::vector<RoleHandle>& roles,
     }
   }
   std::fprintf(stderr, "stop signal: draining (grace %.1f s)\n", grace_s);
+  if (http != nullptr) http->StopAccepting();
   for (RoleHandle& r : roles) {
     r.server->SetServing(false);
     r.start_drain();
@@ -100,6 +104,7 @@ int ServeUntilSignal(const sigset_t& signals, std::vector<RoleHandle>& roles,
     }
   }
   registrations.clear();
+  if (http != nullptr) http->Stop();
   for (RoleHandle& r : roles) r.server->Shutdown(std::chrono::milliseconds(500));
   for (RoleHandle& r : roles) r.shutdown();
   std::fprintf(stderr, "stopped\n");
@@ -239,6 +244,29 @@ std::string MetricsField(const std::unique_ptr<MetricsEndpoint>& m) {
   return m ? " metrics=" + m->address() : "";
 }
 
+// The OpenAI-compatible HTTP gateway, or null when --http-port is -1. It reaches the router
+// through the router's own gRPC port: on loopback for a wildcard bind, else on the bound host.
+absl::StatusOr<std::unique_ptr<OpenAiGateway>> StartHttp(const DaemonFlags& f, int grpc_port) {
+  if (f.http_port < 0) {
+    return std::unique_ptr<OpenAiGateway>();
+  }
+  OpenAiGatewayOptions o;
+  o.bind_address = f.bind_address;
+  o.port = f.http_port;
+  std::string host = f.bind_address;
+  if (host.empty() || host == "0.0.0.0" || host == "::") {
+    host = "127.0.0.1";
+  } else if (host.find(':') != std::string::npos) {
+    host = "[" + host + "]";
+  }
+  o.router_address = absl::StrCat(host, ":", grpc_port);
+  return OpenAiGateway::Start(std::move(o));
+}
+
+std::string HttpField(const std::unique_ptr<OpenAiGateway>& h) {
+  return h ? " http=" + h->address() : "";
+}
+
 void PrintReady(const std::string& line) {
   std::printf("%s\n", line.c_str());
   std::fflush(stdout);
@@ -256,6 +284,9 @@ absl::Status ResolveEngineFlags(DaemonFlags& f) {
   }
   if (f.grpc_port < 0 || f.grpc_port > 65535 || f.kv_port < 0 || f.kv_port > 65535) {
     return absl::InvalidArgumentError("--grpc-port and --kv-port must be in [0, 65535]");
+  }
+  if (f.http_port < -1 || f.http_port > 65535) {
+    return absl::InvalidArgumentError("--http-port must be in [0, 65535], or -1 (off)");
   }
   if (f.drain_grace_s < 0) {
     return absl::InvalidArgumentError("--drain-grace-s must not be negative");
@@ -284,9 +315,11 @@ int RunRouter(const DaemonFlags& f) {
   std::vector<RoleHandle> roles{RouterHandle(r, **server)};
   std::vector<std::unique_ptr<RegistrationClient>> regs;
   ExposeRouterView(metrics->get(), ro.model_name, r);
-  PrintReady(absl::StrCat("tandem router ready grpc=", (*server)->address(),
-                          MetricsField(*metrics)));
-  const int rc = ServeUntilSignal(signals, roles, regs, f.drain_grace_s);
+  auto http = StartHttp(f, (*server)->port());
+  if (!http.ok()) return Fail(http.status());
+  PrintReady(absl::StrCat("tandem router ready grpc=", (*server)->address(), MetricsField(*metrics),
+                          HttpField(*http)));
+  const int rc = ServeUntilSignal(signals, roles, regs, f.drain_grace_s, http->get());
   if (*metrics) (*metrics)->SetRouterView({}, nullptr);
   return rc;
 }
@@ -389,11 +422,14 @@ int RunServe(const DaemonFlags& f) {
   if (prefill) regs.push_back(Register(router_addr, *prefill));
   for (auto& reg : regs) AwaitRegistration("worker", *reg);
   ExposeRouterView(metrics->get(), ropt.model_name, r);
+  auto http = StartHttp(f, (*router_server)->port());
+  if (!http.ok()) return Fail(http.status());
   PrintReady(absl::StrCat("tandem serve ready grpc=", (*router_server)->address(),
                           " decode_grpc=", (*decode_server)->address(),
                           prefill ? " prefill_grpc=" + prefill_server->address() : "",
-                          " kv=", (*decode)->Info().kv_address(), MetricsField(*metrics)));
-  const int rc = ServeUntilSignal(signals, roles, regs, f.drain_grace_s);
+                          " kv=", (*decode)->Info().kv_address(), MetricsField(*metrics),
+                          HttpField(*http)));
+  const int rc = ServeUntilSignal(signals, roles, regs, f.drain_grace_s, http->get());
   if (*metrics) (*metrics)->SetRouterView({}, nullptr);
   return rc;
 }

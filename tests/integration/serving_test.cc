@@ -18,10 +18,13 @@
 #include "tandem/internal/v1/worker.grpc.pb.h"
 #include "tandem/v1/tandem.grpc.pb.h"
 #include "tests/integration/process.h"
+#include "tests/integration/worker_probe.h"
 
 namespace tandem {
 namespace {
 
+using testing_util::AllBlocksFree;
+using testing_util::ScrapeMetrics;
 using testing_util::TandemProcess;
 namespace iv1 = internal::v1;
 
@@ -168,37 +171,6 @@ class Reference {
  private:
   std::unique_ptr<Engine> engine_;
 };
-
-// Polls a worker's GetInfo until all its KV blocks are free (bounded).
-bool AllBlocksFree(const std::string& addr, std::string* detail) {
-  auto stub = iv1::Worker::NewStub(grpc::CreateChannel(addr, grpc::InsecureChannelCredentials()));
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(15);
-  iv1::GetInfoResponse resp;
-  while (std::chrono::steady_clock::now() < deadline) {
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
-    resp.Clear();
-    if (stub->GetInfo(&ctx, iv1::GetInfoRequest(), &resp).ok() &&
-        resp.load().free_kv_blocks() == resp.load().total_kv_blocks() &&
-        resp.load().running_sequences() == 0 && resp.load().waiting_sequences() == 0) {
-      return true;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-  *detail = addr + ": " + resp.load().ShortDebugString();
-  return false;
-}
-
-std::string ScrapeMetrics(const std::string& addr) {
-  std::string out;
-  FILE* p = popen(("curl -s --max-time 10 http://" + addr + "/metrics").c_str(), "r");
-  if (p == nullptr) return out;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, n);
-  pclose(p);
-  return out;
-}
 
 void ExpectWorkersIdle(Cluster& c) {
   for (TandemProcess* w : c.workers()) {
