@@ -13,7 +13,8 @@ PROMPT=${1:-"The President said that"}
 
 LOG=$(mktemp -t tandem-serve.XXXXXX.log)
 OUT=$(mktemp -t tandem-serve.XXXXXX.out)
-"$BIN" serve --model configs/demo-model --grpc-port 0 --kv-cache-mb 64 >"$OUT" 2>"$LOG" &
+"$BIN" serve --model configs/demo-model --grpc-port 0 --http-port 0 --kv-cache-mb 64 \
+  >"$OUT" 2>"$LOG" &
 SERVE_PID=$!
 trap 'kill -TERM $SERVE_PID 2>/dev/null || true; wait $SERVE_PID 2>/dev/null || true' EXIT
 # The server prints one line with its bound addresses once every role is up.
@@ -27,3 +28,11 @@ done
 echo "$READY"
 ADDR=$(sed -n 's/.* grpc=\([^ ]*\).*/\1/p' <<<"$READY")
 "$BIN" client --router "$ADDR" --prompt "$PROMPT" --max-tokens 48 --seed 7 --temperature 0.8
+# The same server through its OpenAI-compatible HTTP endpoint.
+HTTP=$(sed -n 's/.* http=\([^ ]*\).*/\1/p' <<<"$READY")
+JSON_PROMPT=${PROMPT//\\/\\\\}
+JSON_PROMPT=${JSON_PROMPT//\"/\\\"}
+echo "POST http://$HTTP/v1/completions"
+curl -sS "http://$HTTP/v1/completions" -H 'Content-Type: application/json' \
+  -d "{\"prompt\": \"$JSON_PROMPT\", \"max_tokens\": 32, \"temperature\": 0}"
+echo
