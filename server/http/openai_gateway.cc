@@ -390,23 +390,19 @@ void Connection::OnRead(const boost::system::error_code& ec, size_t n) {
 void Connection::TryParse() {
   const OpenAiGatewayOptions& o = core_.options();
   const size_t end = in_.find("\r\n\r\n");
-  if (end == std::string::npos) {
-    if (in_.size() > o.max_header_bytes) {
-      ApiError e;
-      e.status = 431;
-      e.message = "the request headers exceed " + std::to_string(o.max_header_bytes) + " bytes";
-      RespondAndClose(e);
-    }
-    return;
-  }
-  const size_t header_end = end + 4;
-  if (header_end > o.max_header_bytes) {
+  // Headers so far: all that arrived while the blank line is missing.
+  const size_t header_bytes = end == std::string::npos ? in_.size() : end + 4;
+  if (header_bytes > o.max_header_bytes) {
     ApiError e;
     e.status = 431;
     e.message = "the request headers exceed " + std::to_string(o.max_header_bytes) + " bytes";
     RespondAndClose(e);
     return;
   }
+  if (end == std::string::npos) {
+    return;
+  }
+  const size_t header_end = end + 4;
   ApiError bad;
   bad.message = "malformed HTTP request";
   HttpRequest req;

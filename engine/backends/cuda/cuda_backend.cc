@@ -220,8 +220,7 @@ class CudaBackend final : public Backend {
     std::vector<const void*> addresses;
   };
   std::map<std::pair<int64_t, int32_t>, StepGraph> graphs_;
-  bool graphs_failed_ = false;
-  CudaGraphStats graph_stats_;
+  CudaGraphStats graph_stats_;  // .failed: a capture failed, so steps no longer use graphs
   DeviceBuffer cublas_workspace_;  // fixed, so cuBLAS allocates nothing inside a capture
 };
 
@@ -324,22 +323,23 @@ absl::StatusOr<int32_t> CudaBackend::KvBlocks() const {
   if (common_.kv_memory_fraction == 0) {
     return layout_.num_blocks;
   }
-  size_t free_bytes = 0;
-  size_t total_bytes = 0;
-  TANDEM_CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&free_bytes, &total_bytes));
+  const absl::StatusOr<int64_t> free_bytes = CudaFreeMemoryBytes(opts_.device);
+  if (!free_bytes.ok()) {
+    return free_bytes.status();
+  }
   // K and V of every layer for one block.
   const double per_block = 2.0 * layout_.geometry.num_layers * layout_.block_size *
                            static_cast<double>(layout_.geometry.token_elems()) *
                            static_cast<double>(DTypeSize(layout_.dtype));
   int64_t blocks =
-      static_cast<int64_t>(common_.kv_memory_fraction * static_cast<double>(free_bytes) / per_block);
+      static_cast<int64_t>(common_.kv_memory_fraction * static_cast<double>(*free_bytes) / per_block);
   if (common_.max_kv_blocks > 0) {
     blocks = std::min<int64_t>(blocks, common_.max_kv_blocks);
   }
   blocks = std::min<int64_t>(blocks, int64_t{1} << 30);
   if (blocks <= 0) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "kv_memory_fraction ", common_.kv_memory_fraction, " of the ", free_bytes >> 20,
+        "kv_memory_fraction ", common_.kv_memory_fraction, " of the ", *free_bytes >> 20,
         " MiB free on cuda device ", opts_.device, " after loading the weights is less than one ",
         static_cast<int64_t>(per_block) >> 10, " KiB KV block"));
   }
@@ -541,7 +541,7 @@ absl::Status CudaBackend::Forward(const ForwardBatch& batch, std::span<float> lo
   // A step of decodes whose rows are all picks can be a CUDA graph (no host work between
   // kernels, nothing copied to pageable memory); anything else is enqueued kernel by kernel.
   const bool layer_callback = batch.on_layer_done != nullptr && *batch.on_layer_done;
-  const bool graphable = opts_.cuda_graphs && !graphs_failed_ && !layer_callback &&
+  const bool graphable = opts_.cuda_graphs && !graph_stats_.failed && !layer_callback &&
                          T == static_cast<int64_t>(batch.chunks.size()) && n_logits == T &&
                          n_picks == T;
   bool ran = false;
@@ -751,7 +751,6 @@ absl::Status CudaBackend::RunAsGraph(int64_t T, int64_t n_logits, int64_t n_pick
     if (made != cudaSuccess) {
       // Something in the step cannot be captured here: run every step the ordinary way.
       cudaGetLastError();
-      graphs_failed_ = true;
       graph_stats_.failed = true;
       return absl::OkStatus();
     }
