@@ -10,6 +10,7 @@
 #include <string>
 #include <string_view>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "engine/sampling.h"  // TokenPick
 #include "kvcache/block_pool.h"
@@ -32,12 +33,35 @@ struct SequenceChunk {
   bool pick = false;
 };
 
+// Layer-wise KV export (the prefill side of disaggregation): tokens [first_token, first_token +
+// count) of chunk `chunk`'s sequence, read through that chunk's block table. The range ends at or
+// before the chunk's end and may start before the chunk (prefix-cache hits not yet sent).
+struct KvExportRange {
+  int32_t chunk = 0;
+  int64_t first_token = 0;
+  int64_t count = 0;  // >= 1
+};
+
+// One layer of one export range: K and V in canonical layout ([count][kv_heads][head_dim] in the
+// KV store's dtype), readable for as long as keep_alive is held, whatever happens to the blocks.
+struct ExportedKv {
+  int32_t layer = 0;
+  int32_t range = 0;  // index into ForwardBatch::exports
+  const void* k = nullptr;
+  const void* v = nullptr;
+  std::shared_ptr<const void> keep_alive;
+};
+using KvExportCallback = std::function<void(ExportedKv)>;
+
 struct ForwardBatch {
   std::span<const SequenceChunk> chunks;
   // One per chunk with want_logits && pick, in chunk order.
   std::span<TokenPick> picks;
-  // Called after layer l's K/V of every chunk is in the store (layer-wise KV streaming).
-  const std::function<void(int32_t layer)>* on_layer_done = nullptr;
+  // With on_kv_export: called for every layer and range, on Forward's thread, in layer order, as
+  // soon as the backend has the layer's K/V (a GPU backend copies them out on a second stream
+  // while later layers compute), and always before Forward returns.
+  std::span<const KvExportRange> exports;
+  const KvExportCallback* on_kv_export = nullptr;
 };
 
 struct BackendOptions {
@@ -71,6 +95,27 @@ class Backend {
   // ranges, positions below the model's context length.
   virtual absl::Status Forward(const ForwardBatch& batch, std::span<float> logits) = 0;
 };
+
+// INVALID_ARGUMENT unless every export range names a chunk of the batch and lies within
+// [0, that chunk's end), with count >= 1. Inline: GPU backend libraries use it without linking
+// the engine.
+inline absl::Status ValidateExports(const ForwardBatch& batch) {
+  for (const KvExportRange& r : batch.exports) {
+    if (r.chunk < 0 || static_cast<size_t>(r.chunk) >= batch.chunks.size()) {
+      return absl::InvalidArgumentError("KV export range names no chunk of the batch");
+    }
+    const SequenceChunk& c = batch.chunks[r.chunk];
+    const int64_t end = c.start_pos + static_cast<int64_t>(c.tokens.size());
+    if (r.count < 1 || r.first_token < 0 || r.first_token > end - r.count) {
+      return absl::InvalidArgumentError("KV export range outside its chunk's tokens");
+    }
+  }
+  return absl::OkStatus();
+}
+
+// Delivers layer `layer` of every export range of `batch` by reading `store` into fresh
+// canonical buffers (what a host-memory backend does after each layer).
+absl::Status ExportLayerFromStore(const KvStore& store, int32_t layer, const ForwardBatch& batch);
 
 absl::StatusOr<std::unique_ptr<Backend>> CreateCpuBackend(const ModelWeights& model,
                                                           const KvStoreLayout& kv_layout,

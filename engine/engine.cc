@@ -326,43 +326,20 @@ EngineLoad Engine::Load() const {
   return l;
 }
 
-void Engine::ExportLayer(int32_t layer, std::span<const SequenceChunk> chunks,
-                         std::span<Sequence* const> chunk_seq) {
-  const KvStore& store = backend_->kv_store();
-  const DType dtype = store.layout().dtype;
-  const size_t token_bytes =
-      static_cast<size_t>(store.layout().geometry.token_elems()) * DTypeSize(dtype);
-  for (size_t i = 0; i < chunks.size(); ++i) {
-    Sequence& s = *chunk_seq[i];
-    if (s.kv_export == nullptr || !s.export_status.ok()) {
-      continue;
-    }
-    const int64_t end = chunks[i].start_pos + static_cast<int64_t>(chunks[i].tokens.size());
-    const int64_t n = end - s.exported;
-    if (n <= 0) {
-      continue;  // recomputation after a preemption: already sent
-    }
-    // Canonical-layout staging copy; the sender holds it until the bytes are on the wire, so
-    // the blocks may be reused as soon as the sequence leaves.
-    auto buf = std::make_shared<std::vector<std::byte>>(2 * static_cast<size_t>(n) * token_bytes);
-    std::byte* k = buf->data();
-    std::byte* v = k + static_cast<size_t>(n) * token_bytes;
-    absl::Status st =
-        store.ReadTokens(layer, chunks[i].block_table, s.exported, n, dtype, k, v);
-    if (st.ok()) {
-      LayerSlice slice;
-      slice.layer = layer;
-      slice.first_token = s.exported;
-      slice.token_count = n;
-      slice.k = k;
-      slice.v = v;
-      slice.dtype = dtype;
-      slice.keep_alive = buf;
-      st = s.kv_export->SendLayer(std::move(slice));
-    }
-    if (!st.ok()) {
-      s.export_status = st;
-    }
+void Engine::SendExported(Sequence& s, const KvExportRange& range, ExportedKv kv) {
+  if (!s.export_status.ok()) {
+    return;  // this transfer already failed: its later layers go nowhere
+  }
+  LayerSlice slice;
+  slice.layer = kv.layer;
+  slice.first_token = range.first_token;
+  slice.token_count = range.count;
+  slice.k = kv.k;
+  slice.v = kv.v;
+  slice.dtype = backend_->kv_store().layout().dtype;
+  slice.keep_alive = std::move(kv.keep_alive);
+  if (absl::Status st = s.kv_export->SendLayer(std::move(slice)); !st.ok()) {
+    s.export_status = st;
   }
 }
 
@@ -563,13 +540,28 @@ absl::StatusOr<std::vector<TokenEvent>> Engine::Step(StepStats* stats) {
   ForwardBatch batch;
   batch.chunks = chunks;
   batch.picks = picks_;
-  std::function<void(int32_t)> export_layer;
-  for (Sequence* s : chunk_seq) {
-    if (s->kv_export != nullptr && s->export_status.ok()) {
-      export_layer = [&](int32_t layer) { ExportLayer(layer, chunks, chunk_seq); };
-      batch.on_layer_done = &export_layer;
-      break;
+  // KV export: every token of an exporting sequence not sent yet, up to the end of its chunk
+  // (prefix-cache hits included); nothing for a recomputation after a preemption.
+  exports_.clear();
+  export_seq_.clear();
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    Sequence& s = *chunk_seq[i];
+    if (s.kv_export == nullptr || !s.export_status.ok()) {
+      continue;
     }
+    const int64_t end = chunks[i].start_pos + static_cast<int64_t>(chunks[i].tokens.size());
+    if (end > s.exported) {
+      exports_.push_back(KvExportRange{static_cast<int32_t>(i), s.exported, end - s.exported});
+      export_seq_.push_back(&s);
+    }
+  }
+  const KvExportCallback send_exported = [this](ExportedKv kv) {
+    const size_t r = static_cast<size_t>(kv.range);
+    SendExported(*export_seq_[r], exports_[r], std::move(kv));
+  };
+  if (!exports_.empty()) {
+    batch.exports = exports_;
+    batch.on_kv_export = &send_exported;
   }
   if (absl::Status s = backend_->Forward(batch, logits_); !s.ok()) {
     return s;

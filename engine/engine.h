@@ -148,9 +148,8 @@ class Engine {
   void PublishFullBlocks(Sequence& s);
   void ProcessSampled(Sequence& s, const SampledToken& t, TokenEvent& ev);
   absl::StatusOr<std::unique_ptr<Sequence>> NewSequence(SequenceRequest& request);
-  // Streams layer `layer` of every exporting chunk of the step being run.
-  void ExportLayer(int32_t layer, std::span<const SequenceChunk> chunks,
-                   std::span<Sequence* const> chunk_seq);
+  // Hands one layer of one sequence's KV (a backend's ExportedKv) to its outgoing transfer.
+  void SendExported(Sequence& s, const KvExportRange& range, ExportedKv kv);
 
   EngineOptions options_;
   std::unique_ptr<ModelWeights> model_;
@@ -165,6 +164,8 @@ class Engine {
   std::vector<float> logits_;
   std::vector<TokenPick> picks_;  // rows a GPU backend reduced to a greedy pick
   std::vector<char> use_pick_;    // per chunk of the step: a pick is all its sampling needs
+  std::vector<KvExportRange> exports_;   // the step's KV export ranges
+  std::vector<Sequence*> export_seq_;    // their sequences
   SamplerScratch scratch_;
   std::vector<TokenEvent> pending_events_;  // first tokens of AddPrefilled sequences
 };

@@ -108,6 +108,9 @@ constexpr const char* kUsage =
     "  --activations M        cuda, bf16/f16 weights: fast (bf16 compute, default, as the\n"
     "                         PyTorch peer) or exact (hi + lo pairs: ~fp32, 2x GEMM work)\n"
     "  --cuda-graphs          cuda: replay greedy decode steps as CUDA graphs\n"
+    "  --export-kv            also time each prefill as a disaggregated one: its KV streamed\n"
+    "                         layer by layer to a sink that takes it at once (the cost of the\n"
+    "                         export itself, with no network in the way)\n"
     "  --peak-tflops X        peak for mfu_vs_peak (default 989 on cuda: H100 SXM dense bf16;\n"
     "                         none on cpu)\n"
     "  --gemm-n N             cuda GEMM baseline size (default 8192)\n"
@@ -130,7 +133,8 @@ struct Args {
   double kv_cache_gib = 0;
   std::string kv_dtype;
   std::string activations = "fast";
-  bool cuda_graphs = false;  // GPU: "fast" (bf16 compute, as the PyTorch peer) or "exact"
+  bool cuda_graphs = false;
+  bool export_kv = false;  // GPU: "fast" (bf16 compute, as the PyTorch peer) or "exact"
   std::optional<double> peak_tflops;
   int gemm_n = 8192;
   int copy_mib = 2048;
@@ -159,6 +163,10 @@ bool ParseArgs(int argc, char** argv, Args& a) {
     }
     if (k == "--make-model-only") {
       a.make_model_only = true;
+      continue;
+    }
+    if (k == "--export-kv") {
+      a.export_kv = true;
       continue;
     }
     if (k == "--cuda-graphs") {
@@ -269,6 +277,30 @@ absl::StatusOr<std::vector<double>> Repeat(const Args& a, Once once) {
   return times;
 }
 
+// Takes every slice at once and lets it go (an infinitely fast network): what a prefill loses
+// to exporting its KV is then the export's own cost.
+class SinkTransfer final : public tandem::OutgoingTransfer {
+ public:
+  absl::Status SendLayer(tandem::LayerSlice slice) override {
+    bytes_ += 2 * slice.token_count * token_bytes_;
+    return absl::OkStatus();
+  }
+  absl::Status Finish(int32_t, float) override { return absl::OkStatus(); }
+  void Abort(tandem::TransferError, std::string_view) override {}
+  uint64_t transfer_id() const override { return 1; }
+  int64_t token_count() const override { return 0; }
+
+  void Reset(int64_t token_bytes) {
+    token_bytes_ = token_bytes;
+    bytes_ = 0;
+  }
+  int64_t bytes() const { return bytes_; }
+
+ private:
+  int64_t token_bytes_ = 0;
+  int64_t bytes_ = 0;
+};
+
 class Runner {
  public:
   Runner(tandem::Engine& e, const Args& a) : e_(e), a_(a) {}
@@ -342,10 +374,15 @@ class Runner {
     return sec;
   }
 
-  // One prompt of `len` tokens: seconds of the Step() calls until its first token.
-  absl::StatusOr<double> PrefillOnce(int len, int salt) {
+  // One prompt of `len` tokens: seconds of the Step() calls until its first token. With
+  // `sink`, as a prefill-only sequence whose KV goes to it layer by layer.
+  absl::StatusOr<double> PrefillOnce(int len, int salt,
+                                     tandem::OutgoingTransfer* sink = nullptr) {
     live_.clear();
-    auto id = e_.Add(Request(len, salt, 1));
+    tandem::SequenceRequest request = Request(len, salt, 1);
+    request.prefill_only = sink != nullptr;
+    request.kv_export = sink;
+    auto id = e_.Add(std::move(request));
     if (!id.ok()) {
       return Fail(id.status());
     }
@@ -628,8 +665,37 @@ int main(int argc, char** argv) {
     if (gemm_tflops.is_number()) p["mfu_vs_measured_gemm"] = achieved / gemm_tflops.get<double>();
     if (a.peak_tflops) p["mfu_vs_peak"] = achieved / *a.peak_tflops;
     if (tokens != a.prefill[i]) p["note"] = "shortened to the model's context - 1";
-    prefill[key] = p;
     Log(absl::StrCat("  prefill ", tokens, ": ", t / med, " tok/s, ", achieved, " TFLOP/s"));
+    if (a.export_kv) {
+      SinkTransfer sink;
+      const tandem::KvStoreLayout& kv = e.backend().kv_store().layout();
+      // K and V of one token in one layer; the whole prompt's KV is that x 2 x layers x tokens.
+      const int64_t token_bytes =
+          kv.geometry.token_elems() * static_cast<int64_t>(tandem::DTypeSize(kv.dtype));
+      const int64_t want_bytes = 2 * int64_t{kv.geometry.num_layers} * token_bytes * tokens;
+      absl::StatusOr<std::vector<double>> exported = Repeat(a, [&](int r) {
+        sink.Reset(token_bytes);
+        return run.PrefillOnce(tokens, 7 + r, &sink);
+      });
+      if (!exported.ok()) {
+        errors["prefill_export_" + key] = Message(exported.status());
+        Log(absl::StrCat("  prefill ", key, " with KV export FAILED: ",
+                         Message(exported.status())));
+      } else if (sink.bytes() != want_bytes) {
+        errors["prefill_export_" + key] =
+            absl::StrCat("the sink got ", sink.bytes(), " bytes, want ", want_bytes);
+      } else {
+        const double emed = Median(*exported);
+        p["with_kv_export"] = {{"tokens_per_s", t / emed},
+                               {"seconds", emed},
+                               {"seconds_reps", *exported},
+                               {"kv_bytes", sink.bytes()},
+                               {"slowdown", emed / med}};
+        Log(absl::StrCat("  prefill ", tokens, " with KV export: ", t / emed, " tok/s (x",
+                         emed / med, " the time)"));
+      }
+    }
+    prefill[key] = p;
   }
 
   json b1_fraction = nullptr;
@@ -674,6 +740,7 @@ int main(int argc, char** argv) {
         {"kv_dtype", a.kv_dtype},
         {"activations", cuda ? json(a.activations) : json(nullptr)},
         {"cuda_graphs", a.cuda_graphs},
+        {"export_kv", a.export_kv},
         {"kv_cache_bytes", o.kv_cache_bytes},
         {"block_size", block_size},
         {"max_batch_tokens", o.max_batch_tokens},
@@ -756,6 +823,11 @@ int main(int argc, char** argv) {
       if (p["mfu_vs_peak"].is_number()) {
         std::printf(", %.1f%% of %.0f TFLOP/s peak", 100 * p["mfu_vs_peak"].get<double>(),
                     *a.peak_tflops);
+      }
+      if (p.contains("with_kv_export")) {
+        std::printf("; with KV export %.1f tok/s (x%.3f the time)",
+                    p["with_kv_export"]["tokens_per_s"].get<double>(),
+                    p["with_kv_export"]["slowdown"].get<double>());
       }
       std::printf("\n");
     }

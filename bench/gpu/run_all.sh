@@ -69,9 +69,9 @@ case "$phase" in
     # 1b: our engine and both peer modes; 8b: our engine and the eager peer (compile mode for
     # an 8B model does not fit in the same 10-minute call: peer-8b-compile).
     case "$phase" in
-      bench-1b) preset=llama-3.2-1b modes=(eager compile) ours=1 ;;
-      bench-8b) preset=llama-3-8b modes=(eager) ours=1 ;;
-      *) preset=llama-3-8b modes=(compile) ours=0 ;;
+      bench-1b) preset=llama-3.2-1b modes=(eager compile) ours=1 extra=(--export-kv) ;;
+      bench-8b) preset=llama-3-8b modes=(eager) ours=1 extra=() ;;
+      *) preset=llama-3-8b modes=(compile) ours=0 extra=() ;;
     esac
     model=/tmp/tandem-$preset
     note "random-weight $preset model in $model"
@@ -82,7 +82,7 @@ case "$phase" in
     if [ "$ours" = 1 ]; then
       note "tandem engine_bench --backend cuda (bf16 weights, bf16 KV, bf16 compute)"
       timeout 240 "$bundle"/bin/engine_bench --backend cuda --preset "$preset" --dir "$model" --json \
-        >"$out/tandem_$preset.json" 2>"$out/tandem_$preset.log"
+        "${extra[@]}" >"$out/tandem_$preset.json" 2>"$out/tandem_$preset.log"
       echo "exit $?" | tee -a "$summary"
       cat "$out/tandem_$preset.json" >>"$summary"
       tail -15 "$out/tandem_$preset.log" >>"$summary"

@@ -91,6 +91,9 @@ absl::Status CpuBackend::Forward(const ForwardBatch& batch, std::span<float> log
       return s;
     }
   }
+  if (absl::Status s = ValidateExports(batch); !s.ok()) {
+    return s;
+  }
   if (static_cast<int64_t>(logits.size()) < n_logits * V) {
     return absl::InvalidArgumentError("logits buffer too small");
   }
@@ -181,6 +184,10 @@ absl::Status CpuBackend::Forward(const ForwardBatch& batch, std::span<float> log
         r += n;
       }
     }
+    // The layer's KV is final: hand it to the data plane before attention and the MLP run.
+    if (absl::Status s = ExportLayerFromStore(store_, l, batch); !s.ok()) {
+      return s;
+    }
     Attention(l, batch.chunks, T);
     Linear(attn_.data(), T, *L.wo, tmp_.data());
     for (int64_t i = 0; i < T * H; ++i) x_[i] += tmp_[i];
@@ -195,9 +202,6 @@ absl::Status CpuBackend::Forward(const ForwardBatch& batch, std::span<float> log
     Linear(gate_.data(), T, *L.w_down, tmp_.data());
     for (int64_t i = 0; i < T * H; ++i) x_[i] += tmp_[i];
 
-    if (batch.on_layer_done != nullptr && *batch.on_layer_done) {
-      (*batch.on_layer_done)(l);
-    }
   }
 
   // Final norm and LM head for the last token of every chunk that wants logits.

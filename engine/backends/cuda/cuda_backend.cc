@@ -15,13 +15,16 @@
 #include <cstddef>
 #include <cmath>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <initializer_list>
 #include <map>
 #include <utility>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "engine/backends/cuda/cuda_util.h"
 #include "engine/backends/cuda/device_kv_store.h"
 #include "engine/backends/cuda/kernels.h"
@@ -126,6 +129,63 @@ absl::Status UploadVectorF32(std::initializer_list<const TensorView*> parts, Dev
 
 size_t AlignUp(size_t n, size_t a) { return (n + a - 1) / a * a; }
 
+// Pinned host buffers for exported KV, recycled. A buffer handed to the KV data plane comes back
+// when the last slice referencing it has been written (on the sender's thread, which only
+// returns it); pinning and unpinning memory is slow and may synchronise the device, so both
+// happen only in Take, on the backend's thread.
+class PinnedPool : public std::enable_shared_from_this<PinnedPool> {
+ public:
+  explicit PinnedPool(size_t max_idle_bytes) : max_idle_bytes_(max_idle_bytes) {}
+
+  // A buffer of at least `bytes` (the smallest idle one that fits, else a new one).
+  absl::StatusOr<std::shared_ptr<PinnedBuffer>> Take(size_t bytes) {
+    std::unique_ptr<PinnedBuffer> buf;
+    std::vector<std::unique_ptr<PinnedBuffer>> surplus;
+    {
+      absl::MutexLock lock(&mu_);
+      size_t best = idle_.size();
+      for (size_t i = 0; i < idle_.size(); ++i) {
+        if (idle_[i]->bytes() >= bytes &&
+            (best == idle_.size() || idle_[i]->bytes() < idle_[best]->bytes())) {
+          best = i;
+        }
+      }
+      if (best < idle_.size()) {
+        buf = std::move(idle_[best]);
+        idle_.erase(idle_.begin() + static_cast<std::ptrdiff_t>(best));
+        idle_bytes_ -= buf->bytes();
+      }
+      while (idle_bytes_ > max_idle_bytes_ && !idle_.empty()) {
+        idle_bytes_ -= idle_.back()->bytes();
+        surplus.push_back(std::move(idle_.back()));
+        idle_.pop_back();
+      }
+    }
+    surplus.clear();  // unpinned outside the lock
+    if (buf == nullptr) {
+      buf = std::make_unique<PinnedBuffer>();
+      // MiB granularity, so that the layers of similar steps share buffers.
+      TANDEM_STATUS_RETURN_IF_ERROR(buf->Reserve(AlignUp(bytes, size_t{1} << 20),
+                                                 "exported KV (pinned host memory)"));
+    }
+    std::shared_ptr<PinnedPool> self = shared_from_this();
+    return std::shared_ptr<PinnedBuffer>(buf.release(),
+                                         [self](PinnedBuffer* b) { self->Give(b); });
+  }
+
+ private:
+  void Give(PinnedBuffer* b) {
+    absl::MutexLock lock(&mu_);
+    idle_bytes_ += b->bytes();
+    idle_.emplace_back(b);
+  }
+
+  const size_t max_idle_bytes_;
+  absl::Mutex mu_;
+  std::vector<std::unique_ptr<PinnedBuffer>> idle_ ABSL_GUARDED_BY(mu_);
+  size_t idle_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
 class CudaBackend final : public Backend {
  public:
   CudaBackend(const ModelConfig& cfg, const KvStoreLayout& layout, const BackendOptions& common,
@@ -147,9 +207,29 @@ class CudaBackend final : public Backend {
   absl::Status PrepareStep(const ForwardBatch& batch, int64_t T);
   absl::Status ReserveBuffers(int64_t T, int64_t n_logits);
   // Enqueues the step's kernels on stream_ (embedding .. picks), everything but the copies of
-  // whole logits rows. on_layer_done: the KV-export callback, never inside a graph.
+  // whole logits rows. `exporting`: the batch's KV exports run beside it (never in a graph).
   absl::Status EnqueueStep(int64_t T, int64_t n_logits, int64_t n_picks, int32_t num_splits,
-                           const std::function<void(int32_t)>* on_layer_done);
+                           const ForwardBatch* exporting);
+
+  // Layer-wise KV export. After layer l's K/V are written, export_stream_ waits for them,
+  // gathers every range into export_dev_ and copies the layer's image ([K V] per range, in range
+  // order) into a pinned buffer, while stream_ goes on with the layer; the host hands finished
+  // layers over in order and never waits for compute, only (when too much is pending, and at
+  // the end of the step) for the copies.
+  struct PendingExport {
+    int32_t layer = 0;
+    std::shared_ptr<PinnedBuffer> image;
+  };
+  struct ExportPlan {
+    const ForwardBatch* batch = nullptr;
+    std::vector<size_t> offsets;  // per range: its K in the layer image; V follows
+    size_t token_bytes = 0;
+    size_t layer_bytes = 0;
+    std::deque<PendingExport> pending;
+  };
+  absl::Status PlanExports(const ForwardBatch& batch, ExportPlan& plan);
+  absl::Status EnqueueLayerExport(int32_t layer, ExportPlan& plan);
+  absl::Status DeliverOldestExport(ExportPlan& plan);
   // Replays (capturing first if needed) the step as a CUDA graph; *ran = false when graphs are
   // unavailable and the caller must enqueue the step itself.
   absl::Status RunAsGraph(int64_t T, int64_t n_logits, int64_t n_picks, int32_t num_splits,
@@ -181,6 +261,12 @@ class CudaBackend final : public Backend {
   cublasHandle_t cublas_ = nullptr;
   cudaEvent_t kv_ready_ = nullptr;
   std::unique_ptr<DeviceKvStore> store_;
+
+  // KV export (see PendingExport).
+  cudaStream_t export_stream_ = nullptr;
+  std::vector<cudaEvent_t> export_done_;  // per layer: its image is in pinned memory
+  DeviceBuffer export_dev_;
+  std::shared_ptr<PinnedPool> export_pool_;
 
   DeviceMatrix embed_;
   DeviceMatrix lm_head_own_;
@@ -238,6 +324,13 @@ CudaBackend::~CudaBackend() {
   if (kv_ready_ != nullptr) {
     cudaEventDestroy(kv_ready_);
   }
+  if (export_stream_ != nullptr) {
+    cudaStreamSynchronize(export_stream_);
+    cudaStreamDestroy(export_stream_);
+  }
+  for (cudaEvent_t e : export_done_) {
+    cudaEventDestroy(e);
+  }
   if (stream_ != nullptr) {
     cudaStreamDestroy(stream_);
   }
@@ -247,6 +340,14 @@ absl::Status CudaBackend::Init(const ModelWeights& model, const std::vector<floa
   TANDEM_CUDA_RETURN_IF_ERROR(cudaSetDevice(opts_.device));
   TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   TANDEM_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&kv_ready_, cudaEventDisableTiming));
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&export_stream_, cudaStreamNonBlocking));
+  export_done_.reserve(static_cast<size_t>(cfg_.num_layers));
+  for (int32_t l = 0; l < cfg_.num_layers; ++l) {
+    cudaEvent_t e = nullptr;
+    TANDEM_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    export_done_.push_back(e);
+  }
+  export_pool_ = std::make_shared<PinnedPool>(size_t{512} << 20);
   TANDEM_CUBLAS_RETURN_IF_ERROR(cublasCreate(&cublas_));
   TANDEM_CUBLAS_RETURN_IF_ERROR(cublasSetStream(cublas_, stream_));
   // fp32 GEMMs stay fp32 (no TF32): f32 checkpoints are the exact-reference case.
@@ -305,6 +406,14 @@ absl::Status CudaBackend::Init(const ModelWeights& model, const std::vector<floa
   if (common_.max_batch_tokens > 0) {
     TANDEM_STATUS_RETURN_IF_ERROR(ReserveBuffers(common_.max_batch_tokens,
                                                  std::max<int64_t>(1, common_.max_logit_rows)));
+    const size_t token_bytes =
+        static_cast<size_t>(layout_.geometry.token_elems()) * DTypeSize(layout_.dtype);
+    size_t staging = opts_.export_staging_bytes > 0
+                         ? static_cast<size_t>(opts_.export_staging_bytes)
+                         : std::min(2 * static_cast<size_t>(common_.max_batch_tokens) * token_bytes,
+                                    size_t{64} << 20);
+    TANDEM_STATUS_RETURN_IF_ERROR(
+        export_dev_.Reserve(std::max(staging, 2 * token_bytes), "KV export staging"));
   }
   absl::StatusOr<int32_t> blocks = KvBlocks();
   if (!blocks.ok()) {
@@ -503,6 +612,7 @@ absl::Status CudaBackend::Forward(const ForwardBatch& batch, std::span<float> lo
       static_cast<int64_t>(batch.picks.size()) < n_picks) {
     return absl::InvalidArgumentError("logits or picks buffer too small");
   }
+  TANDEM_STATUS_RETURN_IF_ERROR(ValidateExports(batch));
   if (T == 0) {
     return absl::OkStatus();
   }
@@ -540,8 +650,9 @@ absl::Status CudaBackend::Forward(const ForwardBatch& batch, std::span<float> lo
 
   // A step of decodes whose rows are all picks can be a CUDA graph (no host work between
   // kernels, nothing copied to pageable memory); anything else is enqueued kernel by kernel.
-  const bool layer_callback = batch.on_layer_done != nullptr && *batch.on_layer_done;
-  const bool graphable = opts_.cuda_graphs && !graph_stats_.failed && !layer_callback &&
+  const bool exporting =
+      !batch.exports.empty() && batch.on_kv_export != nullptr && *batch.on_kv_export;
+  const bool graphable = opts_.cuda_graphs && !graph_stats_.failed && !exporting &&
                          T == static_cast<int64_t>(batch.chunks.size()) && n_logits == T &&
                          n_picks == T;
   bool ran = false;
@@ -550,7 +661,7 @@ absl::Status CudaBackend::Forward(const ForwardBatch& batch, std::span<float> lo
   }
   if (!ran) {
     TANDEM_STATUS_RETURN_IF_ERROR(
-        EnqueueStep(T, n_logits, n_picks, num_splits, layer_callback ? batch.on_layer_done : nullptr));
+        EnqueueStep(T, n_logits, n_picks, num_splits, exporting ? &batch : nullptr));
   }
   const float* d_logits = logits_.as<float>();
   for (size_t i = 0; i < full_rows_.size();) {
@@ -574,8 +685,7 @@ absl::Status CudaBackend::Forward(const ForwardBatch& batch, std::span<float> lo
 }
 
 absl::Status CudaBackend::EnqueueStep(int64_t T, int64_t n_logits, int64_t n_picks,
-                                      int32_t num_splits,
-                                      const std::function<void(int32_t)>* on_layer_done) {
+                                      int32_t num_splits, const ForwardBatch* exporting) {
   const int64_t H = cfg_.hidden_size;
   const int32_t hd = cfg_.head_dim;
   const int32_t nh = cfg_.num_heads;
@@ -592,7 +702,20 @@ absl::Status CudaBackend::EnqueueStep(int64_t T, int64_t n_logits, int64_t n_pic
   TANDEM_CUDA_RETURN_IF_ERROR(gpu::LaunchRopeCosSin(d_pos_, T, inv_freq_.as<float>(), hd / 2,
                                                     cos_sin_.as<float>(), stream_));
 
-  const bool want_layer_done = on_layer_done != nullptr && *on_layer_done;
+  ExportPlan plan;
+  // On every return: no copy may still be landing in a pinned buffer that goes back to the pool.
+  struct DrainExports {
+    cudaStream_t stream;
+    const ExportPlan& plan;
+    ~DrainExports() {
+      if (!plan.pending.empty()) {
+        cudaStreamSynchronize(stream);
+      }
+    }
+  } drain{export_stream_, plan};
+  if (exporting != nullptr) {
+    TANDEM_STATUS_RETURN_IF_ERROR(PlanExports(*exporting, plan));
+  }
   gpu::FoldedIn delta;  // the previous layer's MLP output, added into x by the next norm
   for (int32_t l = 0; l < cfg_.num_layers; ++l) {
     const DeviceLayer& D = layers_[l];
@@ -627,8 +750,8 @@ absl::Status CudaBackend::EnqueueStep(int64_t T, int64_t n_logits, int64_t n_pic
     post.num_kv_heads = nkv;
     post.head_dim = hd;
     TANDEM_CUDA_RETURN_IF_ERROR(gpu::LaunchQkvPost(post, stream_));
-    if (want_layer_done) {
-      TANDEM_CUDA_RETURN_IF_ERROR(cudaEventRecord(kv_ready_, stream_));
+    if (plan.batch != nullptr) {
+      TANDEM_STATUS_RETURN_IF_ERROR(EnqueueLayerExport(l, plan));
     }
 
     gpu::AttentionArgs att;
@@ -675,12 +798,6 @@ absl::Status CudaBackend::EnqueueStep(int64_t T, int64_t n_logits, int64_t n_pic
       return down.status();
     }
     delta = *down;
-
-    if (want_layer_done) {
-      // The rest of this layer keeps running on the device while the callback reads the KV.
-      TANDEM_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(kv_ready_));
-      (*on_layer_done)(l);
-    }
   }
 
   if (n_logits > 0) {
@@ -713,6 +830,118 @@ absl::Status CudaBackend::EnqueueStep(int64_t T, int64_t n_logits, int64_t n_pic
                                                   cudaMemcpyDeviceToHost, stream_));
     }
   }
+  // Everything is enqueued: hand the layers over as their copies land, while the device runs.
+  while (!plan.pending.empty()) {
+    TANDEM_STATUS_RETURN_IF_ERROR(DeliverOldestExport(plan));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::PlanExports(const ForwardBatch& batch, ExportPlan& plan) {
+  plan.batch = &batch;
+  plan.token_bytes =
+      static_cast<size_t>(layout_.geometry.token_elems()) * DTypeSize(layout_.dtype);
+  plan.offsets.clear();
+  size_t off = 0;
+  for (const KvExportRange& r : batch.exports) {
+    plan.offsets.push_back(off);
+    off += 2 * static_cast<size_t>(r.count) * plan.token_bytes;
+  }
+  plan.layer_bytes = off;
+  if (common_.max_batch_tokens > 0 && export_dev_.bytes() > 0) {
+    return absl::OkStatus();  // reserved with the workspace in Init, before the KV pool
+  }
+  // No workspace reserved up front: grow to a layer's image, at most 64 MiB (more in passes).
+  const size_t want = opts_.export_staging_bytes > 0
+                          ? static_cast<size_t>(opts_.export_staging_bytes)
+                          : std::min(plan.layer_bytes, size_t{64} << 20);
+  return export_dev_.Reserve(std::max(want, 2 * plan.token_bytes), "KV export staging");
+}
+
+absl::Status CudaBackend::EnqueueLayerExport(int32_t layer, ExportPlan& plan) {
+  const size_t max_pending = opts_.export_pending_bytes > 0
+                                 ? static_cast<size_t>(opts_.export_pending_bytes)
+                                 : size_t{256} << 20;
+  while (!plan.pending.empty() &&
+         (plan.pending.size() + 1) * plan.layer_bytes > std::max(max_pending, plan.layer_bytes)) {
+    TANDEM_STATUS_RETURN_IF_ERROR(DeliverOldestExport(plan));
+  }
+  absl::StatusOr<std::shared_ptr<PinnedBuffer>> image = export_pool_->Take(plan.layer_bytes);
+  if (!image.ok()) {
+    return image.status();
+  }
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaEventRecord(kv_ready_, stream_));
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(export_stream_, kv_ready_, 0));
+  plan.pending.push_back(PendingExport{layer, *std::move(image)});
+  std::byte* host = plan.pending.back().image->bytes_ptr();
+  std::byte* dev = export_dev_.as<std::byte>();
+  const size_t tb = plan.token_bytes;
+  const int32_t bs = layout_.block_size;
+  auto gather = [&](const KvExportRange& r, int64_t first, int64_t count, std::byte* k,
+                    std::byte* v) {
+    gpu::PagedCopyArgs args;
+    args.src_k = store_->KLayer(layer);
+    args.src_v = store_->VLayer(layer);
+    args.src_type = layout_.dtype;
+    args.dst_k = k;
+    args.dst_v = v;
+    args.dst_type = layout_.dtype;
+    args.table = d_tables_ + chunks_[r.chunk].table_offset + first / bs;
+    args.first_token = first;
+    args.num_tokens = count;
+    args.block_size = bs;
+    args.token_elems = layout_.geometry.token_elems();
+    return gpu::LaunchGatherTokens(args, export_stream_);
+  };
+  const std::span<const KvExportRange> ranges = plan.batch->exports;
+  if (plan.layer_bytes <= export_dev_.bytes()) {
+    // The whole layer image on the device, then one copy.
+    for (size_t i = 0; i < ranges.size(); ++i) {
+      std::byte* k = dev + plan.offsets[i];
+      TANDEM_CUDA_RETURN_IF_ERROR(gather(ranges[i], ranges[i].first_token, ranges[i].count, k,
+                                         k + static_cast<size_t>(ranges[i].count) * tb));
+    }
+    TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host, dev, plan.layer_bytes,
+                                                cudaMemcpyDeviceToHost, export_stream_));
+  } else {
+    // In passes of as many tokens as the staging holds; the stream orders a pass's copies
+    // before the next pass's gather overwrites the staging.
+    const int64_t per_pass = static_cast<int64_t>(export_dev_.bytes() / (2 * tb));
+    for (size_t i = 0; i < ranges.size(); ++i) {
+      const KvExportRange& r = ranges[i];
+      std::byte* k_host = host + plan.offsets[i];
+      std::byte* v_host = k_host + static_cast<size_t>(r.count) * tb;
+      for (int64_t done = 0; done < r.count;) {
+        const int64_t m = std::min(per_pass, r.count - done);
+        const size_t bytes = static_cast<size_t>(m) * tb;
+        TANDEM_CUDA_RETURN_IF_ERROR(gather(r, r.first_token + done, m, dev, dev + bytes));
+        TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(k_host + done * tb, dev, bytes,
+                                                    cudaMemcpyDeviceToHost, export_stream_));
+        TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(v_host + done * tb, dev + bytes, bytes,
+                                                    cudaMemcpyDeviceToHost, export_stream_));
+        done += m;
+      }
+    }
+  }
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaEventRecord(export_done_[layer], export_stream_));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::DeliverOldestExport(ExportPlan& plan) {
+  const PendingExport& p = plan.pending.front();
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(export_done_[p.layer]));
+  const std::span<const KvExportRange> ranges = plan.batch->exports;
+  for (size_t i = 0; i < ranges.size(); ++i) {
+    ExportedKv kv;
+    kv.layer = p.layer;
+    kv.range = static_cast<int32_t>(i);
+    kv.k = p.image->bytes_ptr() + plan.offsets[i];
+    kv.v = p.image->bytes_ptr() + plan.offsets[i] +
+           static_cast<size_t>(ranges[i].count) * plan.token_bytes;
+    kv.keep_alive = p.image;
+    (*plan.batch->on_kv_export)(std::move(kv));
+  }
+  plan.pending.pop_front();
   return absl::OkStatus();
 }
 

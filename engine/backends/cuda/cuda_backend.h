@@ -32,6 +32,12 @@ struct CudaBackendOptions {
   // chunks are single decode tokens, all reduced to greedy picks, with no KV export. Off by
   // default until verified on a device; a capture that fails turns graphs off for the backend.
   bool cuda_graphs = false;
+  // Layer-wise KV export (ForwardBatch::exports). Device staging the K/V are gathered into
+  // before their copy to pinned host memory (0: two K/V images of max_batch_tokens tokens, at
+  // most 64 MiB; a larger layer goes in passes), and the most exported bytes enqueued but not
+  // yet handed over before the host waits for the oldest layer (0: 256 MiB).
+  int64_t export_staging_bytes = 0;
+  int64_t export_pending_bytes = 0;
 };
 
 // `rope_inv_freq` is the model's RoPE frequency table (engine/internal/rope.h:

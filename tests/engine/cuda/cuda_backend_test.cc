@@ -20,6 +20,7 @@
 #include "engine/sampling.h"
 #include "kvcache/block_pool.h"
 #include "kvcache/kv_store.h"
+#include "tests/engine/export_check.h"
 #include "tests/engine/test_util.h"
 
 namespace tandem {
@@ -63,7 +64,7 @@ void Reserve(BlockPool& pool, Sequence& s, int64_t tokens) {
 // sequences asking for them.
 std::vector<float> Step(Backend& backend, BlockPool& pool, std::vector<Sequence*> seqs,
                         const std::vector<int64_t>& counts, const std::vector<bool>& want,
-                        int32_t vocab, const std::function<void(int32_t)>* on_layer = nullptr) {
+                        int32_t vocab) {
   std::vector<SequenceChunk> chunks(seqs.size());
   int64_t n_logits = 0;
   for (size_t i = 0; i < seqs.size(); ++i) {
@@ -78,7 +79,6 @@ std::vector<float> Step(Backend& backend, BlockPool& pool, std::vector<Sequence*
   std::vector<float> logits(n_logits * vocab);
   ForwardBatch batch;
   batch.chunks = chunks;
-  batch.on_layer_done = on_layer;
   absl::Status st = backend.Forward(batch, logits);
   EXPECT_TRUE(st.ok()) << st;
   for (size_t i = 0; i < seqs.size(); ++i) {
@@ -457,36 +457,28 @@ TEST_P(CudaBackendTest, WeightDtypeActivationsStayWithinBf16Tolerance) {
   }
 }
 
-TEST_P(CudaBackendTest, LayerCallbackSeesEachLayersKv) {
-  const KvStoreLayout layout = Layout(16, DType::kBF16);
-  auto backend = Cuda(layout);
-  ASSERT_NE(backend, nullptr);
-  const auto prompt = golden_["cases"][2]["input_ids"].get<std::vector<int32_t>>();
-  const int64_t n = static_cast<int64_t>(prompt.size());
-  const int64_t te = layout.geometry.token_elems();
-  BlockPool pool(kNumBlocks, 16);
-  Sequence s;
-  s.tokens = prompt;
-  std::vector<int32_t> layers_seen;
-  std::vector<std::vector<float>> k_seen;
-  std::function<void(int32_t)> on_layer = [&](int32_t l) {
-    layers_seen.push_back(l);
-    std::vector<float> k(n * te);
-    std::vector<float> v(n * te);
-    absl::Status st =
-        backend->kv_store().ReadTokens(l, s.table, 0, n, DType::kF32, k.data(), v.data());
-    EXPECT_TRUE(st.ok()) << st;
-    k_seen.push_back(std::move(k));
-  };
-  Step(*backend, pool, {&s}, {n}, {true}, vocab(), &on_layer);
-  ASSERT_EQ(static_cast<int32_t>(layers_seen.size()), model_->config.num_layers);
-  for (int32_t l = 0; l < model_->config.num_layers; ++l) {
-    EXPECT_EQ(layers_seen[l], l);
-    std::vector<float> k(n * te);
-    std::vector<float> v(n * te);
-    ASSERT_TRUE(backend->kv_store().ReadTokens(l, s.table, 0, n, DType::kF32, k.data(),
-                                               v.data()).ok());
-    EXPECT_EQ(k_seen[l], k) << "layer " << l;
+// Layer-wise KV export through pinned staging on the export stream: what arrives is what the
+// store holds, with the whole layer image at once, in passes of 3 tokens through a small
+// staging buffer, and with at most one layer pending (the host waits for each in turn).
+TEST_P(CudaBackendTest, KvExportDeliversWhatTheStoreHolds) {
+  const auto a = golden_["cases"][2]["input_ids"].get<std::vector<int32_t>>();
+  std::vector<int32_t> b = golden_["cases"][0]["input_ids"].get<std::vector<int32_t>>();
+  b.push_back(3);
+  for (DType dtype : {DType::kBF16, DType::kF32}) {
+    const KvStoreLayout layout = Layout(16, dtype);
+    const int64_t token_bytes = layout.geometry.token_elems() * DTypeSize(dtype);
+    CudaBackendOptions small_staging;
+    small_staging.export_staging_bytes = 2 * 3 * token_bytes;
+    CudaBackendOptions one_pending;
+    one_pending.export_pending_bytes = 1;
+    for (const CudaBackendOptions& opts : {CudaBackendOptions{}, small_staging, one_pending}) {
+      SCOPED_TRACE(testing::Message() << "dtype " << DTypeName(dtype) << " staging "
+                                      << opts.export_staging_bytes << " pending "
+                                      << opts.export_pending_bytes);
+      auto backend = Cuda(layout, opts);
+      ASSERT_NE(backend, nullptr);
+      testing_util::ExpectExportsMatchStore(*backend, a, b, vocab());
+    }
   }
 }
 
