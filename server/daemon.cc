@@ -7,7 +7,9 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <functional>
+#include <iterator>
 #include <memory>
 
 #include <nlohmann/json.hpp>
@@ -244,6 +246,67 @@ std::string MetricsField(const std::unique_ptr<MetricsEndpoint>& m) {
   return m ? " metrics=" + m->address() : "";
 }
 
+// A special token of tokenizer_config.json: a string, or an AddedToken object's "content".
+std::string SpecialTokenString(const nlohmann::json& config, const char* key) {
+  const auto it = config.find(key);
+  if (it == config.end()) return "";
+  if (it->is_string()) return it->get<std::string>();
+  if (it->is_object() && it->contains("content") && (*it)["content"].is_string()) {
+    return (*it)["content"].get<std::string>();
+  }
+  return "";
+}
+
+// The chat template for /v1/chat/completions: --chat-template (a file, or the template text
+// itself when no such file exists; a bad one stops the daemon), else the model folder's
+// tokenizer_config.json (a missing or unusable one only turns chat requests away, saying why).
+absl::Status LoadChatTemplate(const DaemonFlags& f, OpenAiGatewayOptions& o) {
+  nlohmann::json config = nlohmann::json::object();
+  const std::filesystem::path config_path =
+      std::filesystem::path(f.engine.model_dir) / "tokenizer_config.json";
+  if (std::ifstream in(config_path); in) {
+    config = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+    if (!config.is_object()) config = nlohmann::json::object();
+  }
+  o.bos_token = SpecialTokenString(config, "bos_token");
+  o.eos_token = SpecialTokenString(config, "eos_token");
+  const std::string fix =
+      "; start the server with --chat-template FILE (a Jinja chat template) to serve "
+      "/v1/chat/completions, or render the prompt yourself and use /v1/completions";
+  std::string source;
+  if (!f.chat_template.empty()) {
+    std::error_code ec;
+    if (std::filesystem::is_regular_file(f.chat_template, ec)) {
+      std::ifstream in(f.chat_template, std::ios::binary);
+      source.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    } else {
+      source = f.chat_template;
+    }
+    absl::StatusOr<ChatTemplate> parsed = ChatTemplate::Parse(source);
+    if (!parsed.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--chat-template: ", parsed.status().message()));
+    }
+    o.chat_template = std::make_shared<ChatTemplate>(*std::move(parsed));
+    return absl::OkStatus();
+  }
+  absl::StatusOr<std::string> from_config = ChatTemplateFromTokenizerConfig(config);
+  if (!from_config.ok()) {
+    o.chat_unavailable = absl::StrCat("the model has no chat template (",
+                                      from_config.status().message(), ")", fix);
+    return absl::OkStatus();
+  }
+  absl::StatusOr<ChatTemplate> parsed = ChatTemplate::Parse(*from_config);
+  if (!parsed.ok()) {
+    o.chat_unavailable = absl::StrCat("the model's chat template cannot be used (",
+                                      parsed.status().message(), ")", fix);
+    std::fprintf(stderr, "warning: %s\n", o.chat_unavailable.c_str());
+    return absl::OkStatus();
+  }
+  o.chat_template = std::make_shared<ChatTemplate>(*std::move(parsed));
+  return absl::OkStatus();
+}
+
 // The OpenAI-compatible HTTP gateway, or null when --http-port is -1. It reaches the router
 // through the router's own gRPC port: on loopback for a wildcard bind, else on the bound host.
 absl::StatusOr<std::unique_ptr<OpenAiGateway>> StartHttp(const DaemonFlags& f, int grpc_port) {
@@ -260,6 +323,9 @@ absl::StatusOr<std::unique_ptr<OpenAiGateway>> StartHttp(const DaemonFlags& f, i
     host = "[" + host + "]";
   }
   o.router_address = absl::StrCat(host, ":", grpc_port);
+  if (absl::Status st = LoadChatTemplate(f, o); !st.ok()) {
+    return st;
+  }
   return OpenAiGateway::Start(std::move(o));
 }
 

@@ -25,6 +25,7 @@ struct DaemonFlags {
   int grpc_port = 0;
   int metrics_port = 0;          // Prometheus /metrics (0: pick a free port; -1: none)
   int http_port = -1;            // router, serve: OpenAI-compatible HTTP (0: pick; -1: off)
+  std::string chat_template;     // router, serve: chat template file (or text); empty: the model's
   // Workers.
   std::string router;            // router address to register with; empty = static only
   std::string name;              // worker name; empty = its gRPC address

@@ -146,6 +146,9 @@ void AddDaemonFlags(CLI::App* cmd, tandem::DaemonFlags& d, bool router, bool wor
     cmd->add_option("--http-port", d.http_port,
                     "OpenAI-compatible HTTP port (0: pick a free one, -1: off)")
         ->capture_default_str();
+    cmd->add_option("--chat-template", d.chat_template,
+                    "Chat template for /v1/chat/completions: a Jinja file, or the template "
+                    "itself (default: the model's tokenizer_config.json)");
     cmd->add_option("--prefill-worker", d.prefill_workers, "Static prefill worker (repeatable)")
         ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
     cmd->add_option("--decode-worker", d.decode_workers, "Static decode worker (repeatable)")

@@ -96,8 +96,9 @@ absl::StatusOr<PreparedRequest> PrepareGenerate(const v1::GenerateRequest& reque
                               ") exceeds the model's context of ", context, " tokens"));
     }
   } else {
-    params.max_tokens =
-        static_cast<int32_t>(std::min<int64_t>(kDefaultMaxTokens, context - prompt_len));
+    const int64_t room = context - prompt_len;
+    params.max_tokens = static_cast<int32_t>(
+        request.max_tokens_to_context() ? room : std::min<int64_t>(kDefaultMaxTokens, room));
   }
   if (absl::Status s = ValidateSamplingParams(params, vocab); !s.ok()) {
     return s;

@@ -252,6 +252,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   http::CompletionPiece accumulated_;
   v1::Usage usage_;
   bool stream_started_ = false;
+  bool role_sent_ = false;  // chat streams: the first chunk carries the assistant role
 };
 
 // One Generate call on the callback API. Created and started on the connection's strand.
@@ -487,10 +488,20 @@ void Connection::Dispatch(HttpRequest req) {
     e.message = "method " + req.method + " is not allowed on " + req.path + "; use " + allow;
     RespondError(e, std::string("Allow: ") + allow + "\r\n");
   };
-  if (req.path == "/v1/completions") {
+  if (req.path == "/v1/completions" || req.path == "/v1/chat/completions") {
     if (req.method != "POST") return method_not_allowed("POST");
     http::CompletionRequest c;
-    if (auto e = http::ParseCompletionRequest(req.body, &c)) return RespondError(*e);
+    if (req.path == "/v1/completions") {
+      if (auto e = http::ParseCompletionRequest(req.body, &c)) return RespondError(*e);
+    } else {
+      const OpenAiGatewayOptions& o = core_.options();
+      http::ChatRenderer chat;
+      chat.chat_template = o.chat_template.get();
+      chat.unavailable = o.chat_unavailable;
+      chat.bos_token = o.bos_token;
+      chat.eos_token = o.eos_token;
+      if (auto e = http::ParseChatRequest(req.body, chat, &c)) return RespondError(*e);
+    }
     completion_ = std::move(c);
     core_.ListModels(
         true, [self = shared_from_this()](const grpc::Status& s, const v1::ListModelsResponse& m) {
@@ -511,16 +522,6 @@ void Connection::Dispatch(HttpRequest req) {
           });
         });
     return;
-  }
-  if (req.path == "/v1/chat/completions") {
-    if (req.method != "POST") return method_not_allowed("POST");
-    ApiError e;
-    e.status = 501;
-    e.type = "not_implemented_error";
-    e.message =
-        "chat completions need the model's chat template, and Tandem cannot render chat templates "
-        "yet; render the prompt yourself and use POST /v1/completions";
-    return RespondError(e);
   }
   if (req.path == "/v1/models") {
     if (req.method != "GET") return method_not_allowed("GET");
@@ -558,11 +559,12 @@ void Connection::Dispatch(HttpRequest req) {
 
 void Connection::StartCompletion(http::CompletionRequest req, std::string served_model) {
   completion_ = std::move(req);
-  identity_ = {http::NewCompletionId(), static_cast<int64_t>(std::time(nullptr)),
-               std::move(served_model)};
+  identity_ = {http::NewCompletionId(completion_.chat), static_cast<int64_t>(std::time(nullptr)),
+               std::move(served_model), completion_.chat};
   accumulated_ = {};
   usage_.Clear();
   stream_started_ = false;
+  role_sent_ = false;
   call_paused_ = false;
   call_ = new GenerateCall(core_, shared_from_this());
   call_->Start(completion_.generate);
@@ -589,9 +591,14 @@ void Connection::OnGenerateMessage(bool ok, const v1::GenerateResponse& msg) {
       Write(head + "\r\n");
     }
     if (!piece.text.empty() || !piece.finish_reason.empty() ||
-        (completion_.logprobs && !piece.token_ids.empty())) {
-      const std::string event =
-          "data: " + http::CompletionJson(identity_, piece, completion_.logprobs, nullptr) + "\n\n";
+        (completion_.logprobs && !piece.token_ids.empty()) ||
+        (completion_.chat && !role_sent_)) {
+      const std::string json =
+          completion_.chat
+              ? http::ChatChunkJson(identity_, piece, completion_.logprobs, !role_sent_)
+              : http::CompletionJson(identity_, piece, completion_.logprobs, nullptr);
+      role_sent_ = true;
+      const std::string event = "data: " + json + "\n\n";
       Write(http11_ ? Chunk(event) : event);
     }
   } else {

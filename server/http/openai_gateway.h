@@ -1,4 +1,5 @@
-// An OpenAI-compatible HTTP/1.1 gateway (/v1/completions, /v1/models, /health) in front of a
+// An OpenAI-compatible HTTP/1.1 gateway (/v1/completions, /v1/chat/completions, /v1/models,
+// /health) in front of a
 // router's public gRPC API. Contract: docs/api.md, "OpenAI-compatible HTTP".
 #pragma once
 
@@ -8,6 +9,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "engine/chat_template.h"
 
 namespace tandem {
 
@@ -20,6 +22,12 @@ struct OpenAiGatewayOptions {
   // A request (or an idle keep-alive connection) must arrive within this; else the connection
   // is closed (408 when part of a request had arrived).
   std::chrono::milliseconds read_timeout{30000};
+  // /v1/chat/completions: the served model's chat template and special-token strings; without
+  // a template, chat requests get 400 with `chat_unavailable` as the message.
+  std::shared_ptr<const ChatTemplate> chat_template;
+  std::string chat_unavailable;
+  std::string bos_token;
+  std::string eos_token;
 };
 
 class OpenAiGateway {

@@ -132,8 +132,29 @@ std::optional<ApiError> ParseSampling(const json& body, v1::SamplingParams* s,
   constexpr int64_t kI32 = std::numeric_limits<int32_t>::max();
   std::optional<int64_t> i;
   std::optional<bool> b;
-  if (auto e = GetInt(body, "max_tokens", std::numeric_limits<int32_t>::min(), kI32, &i)) return e;
-  s->set_max_tokens(i ? static_cast<int32_t>(*i) : 16);  // OpenAI's default
+  if (out->chat) {
+    // Chat spells it max_completion_tokens (max_tokens is its deprecated alias); unset, the
+    // answer may run to the end of the context.
+    if (auto e = GetInt(body, "max_completion_tokens", std::numeric_limits<int32_t>::min(), kI32,
+                        &i)) {
+      return e;
+    }
+    if (!i) {
+      if (auto e = GetInt(body, "max_tokens", std::numeric_limits<int32_t>::min(), kI32, &i)) {
+        return e;
+      }
+    }
+    if (i) {
+      s->set_max_tokens(static_cast<int32_t>(*i));
+    } else {
+      out->generate.set_max_tokens_to_context(true);
+    }
+  } else {
+    if (auto e = GetInt(body, "max_tokens", std::numeric_limits<int32_t>::min(), kI32, &i)) {
+      return e;
+    }
+    s->set_max_tokens(i ? static_cast<int32_t>(*i) : 16);  // OpenAI's default
+  }
   i.reset();
   if (auto e = GetInt(body, "top_k", std::numeric_limits<int32_t>::min(), kI32, &i)) return e;
   if (i) s->set_top_k(static_cast<int32_t>(*i));
@@ -144,11 +165,25 @@ std::optional<ApiError> ParseSampling(const json& body, v1::SamplingParams* s,
   if (auto e = GetInt(body, "seed", 0, std::numeric_limits<int64_t>::max(), &i)) return e;
   if (i) s->set_seed(static_cast<uint64_t>(*i));
   i.reset();
-  // Legacy completions: logprobs is the top-N count (0: the chosen token's only).
-  if (auto e = GetInt(body, "logprobs", 0, kI32, &i)) return e;
-  if (i) {
-    s->set_logprobs(static_cast<int32_t>(*i));
-    out->logprobs = true;
+  if (out->chat) {
+    // Chat: logprobs is a switch, top_logprobs the count of alternatives.
+    if (auto e = GetBool(body, "logprobs", &b)) return e;
+    if (auto e = GetInt(body, "top_logprobs", 0, kI32, &i)) return e;
+    if (b.value_or(false)) {
+      s->set_logprobs(static_cast<int32_t>(i.value_or(0)));
+      out->logprobs = true;
+    } else if (i && *i > 0) {
+      return Bad("top_logprobs", "needs logprobs: true");
+    }
+    b.reset();
+    i.reset();
+  } else {
+    // Legacy completions: logprobs is the top-N count (0: the chosen token's only).
+    if (auto e = GetInt(body, "logprobs", 0, kI32, &i)) return e;
+    if (i) {
+      s->set_logprobs(static_cast<int32_t>(*i));
+      out->logprobs = true;
+    }
   }
   struct FloatField {
     const char* name;
@@ -180,6 +215,25 @@ std::optional<ApiError> ParseSampling(const json& body, v1::SamplingParams* s,
       return Bad("stop", "must be a string or an array of strings");
     }
   }
+  return std::nullopt;
+}
+
+// The fields of both endpoints after the prompt: sampling, streaming, the model.
+std::optional<ApiError> ParseCommon(const json& j, CompletionRequest* out) {
+  if (auto e = ParseSampling(j, out->generate.mutable_sampling(), out)) return e;
+  std::optional<bool> b;
+  if (auto e = GetBool(j, "stream", &b)) return e;
+  out->stream = b.value_or(false);
+  if (const json* so = Field(j, "stream_options")) {
+    if (!so->is_object()) return Bad("stream_options", "must be an object");
+    b.reset();
+    if (auto e = GetBool(*so, "include_usage", &b)) {
+      e->param = "stream_options.include_usage";
+      return e;
+    }
+    out->include_usage = b.value_or(false);
+  }
+  out->generate.set_model(out->model);
   return std::nullopt;
 }
 
@@ -222,21 +276,112 @@ std::optional<ApiError> ParseCompletionRequest(std::string_view body, Completion
     if (!s->is_string() || !s->get<std::string>().empty()) return Bad("suffix", "not supported");
   }
   if (auto e = ParsePrompt(j, out)) return e;
-  if (auto e = ParseSampling(j, out->generate.mutable_sampling(), out)) return e;
-  b.reset();
-  if (auto e = GetBool(j, "stream", &b)) return e;
-  out->stream = b.value_or(false);
-  if (const json* so = Field(j, "stream_options")) {
-    if (!so->is_object()) return Bad("stream_options", "must be an object");
-    b.reset();
-    if (auto e = GetBool(*so, "include_usage", &b)) {
-      e->param = "stream_options.include_usage";
-      return e;
-    }
-    out->include_usage = b.value_or(false);
+  return ParseCommon(j, out);
+}
+
+std::optional<ApiError> ParseChatRequest(std::string_view body, const ChatRenderer& chat,
+                                         CompletionRequest* out) {
+  json j = json::parse(body, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) {
+    return Bad("", "the body is not valid JSON");
   }
-  out->generate.set_model(out->model);
-  return std::nullopt;
+  if (!j.is_object()) {
+    return Bad("", "the body must be a JSON object");
+  }
+  out->chat = true;
+  if (const json* m = Field(j, "model")) {
+    if (!m->is_string()) return Bad("model", "must be a string");
+    out->model = m->get<std::string>();
+  }
+  std::optional<int64_t> n;
+  if (auto e = GetInt(j, "n", std::numeric_limits<int64_t>::min(),
+                      std::numeric_limits<int64_t>::max(), &n)) {
+    return e;
+  }
+  if (n && *n != 1) return Bad("n", "only 1 is supported");
+  if (const json* rf = Field(j, "response_format")) {
+    if (!rf->is_object() || rf->value("type", "") != "text") {
+      return Bad("response_format", "only {\"type\": \"text\"} is supported");
+    }
+  }
+  if (const json* tc = Field(j, "tool_choice")) {
+    // Tools reach the template (the model sees them); tool calls come back as text: forcing a
+    // call would need constrained decoding, which Tandem does not have.
+    if (!tc->is_string() || (*tc != "none" && *tc != "auto")) {
+      return Bad("tool_choice", "only \"none\" and \"auto\" are supported");
+    }
+  }
+  std::optional<bool> b;
+  if (auto e = GetBool(j, "continue_final_message", &b)) return e;
+  if (b && *b) return Bad("continue_final_message", "not supported");
+  b.reset();
+  if (auto e = GetBool(j, "add_generation_prompt", &b)) return e;
+  const bool add_generation_prompt = b.value_or(true);
+
+  // The template sees the conversation with the client's key order (tools | tojson prints it).
+  const nlohmann::ordered_json ordered =
+      nlohmann::ordered_json::parse(body, nullptr, /*allow_exceptions=*/false);
+  nlohmann::ordered_json context = nlohmann::ordered_json::object();
+  const auto messages = ordered.find("messages");
+  if (messages == ordered.end() || messages->is_null()) return Bad("messages", "required");
+  if (!messages->is_array() || messages->empty()) {
+    return Bad("messages", "must be a non-empty array of messages");
+  }
+  nlohmann::ordered_json& rendered_messages = context["messages"] = nlohmann::ordered_json::array();
+  for (size_t i = 0; i < messages->size(); ++i) {
+    const auto& m = (*messages)[i];
+    const std::string where = "messages[" + std::to_string(i) + "]";
+    if (!m.is_object()) return Bad(where, "must be an object");
+    const auto role = m.find("role");
+    if (role == m.end() || !role->is_string() || role->get<std::string>().empty()) {
+      return Bad(where + ".role", "must be a non-empty string");
+    }
+    nlohmann::ordered_json msg = m;
+    const auto content = m.find("content");
+    if (content != m.end() && content->is_array()) {
+      // Text parts become one string, joined by newlines (as vLLM does); nothing else is read.
+      std::string text;
+      for (size_t k = 0; k < content->size(); ++k) {
+        const auto& part = (*content)[k];
+        if (!part.is_object() || part.value("type", "") != "text" || !part.contains("text") ||
+            !part["text"].is_string()) {
+          return Bad(where + ".content",
+                     "only text parts ({\"type\": \"text\", \"text\": ...}) are supported");
+        }
+        if (k > 0) text += "\n";
+        text += part["text"].get<std::string>();
+      }
+      msg["content"] = text;
+    } else if (content != m.end() && !content->is_string() && !content->is_null()) {
+      return Bad(where + ".content", "must be a string, an array of text parts, or null");
+    }
+    rendered_messages.push_back(std::move(msg));
+  }
+  if (const auto tools = ordered.find("tools"); tools != ordered.end() && !tools->is_null()) {
+    if (!tools->is_array()) return Bad("tools", "must be an array");
+    context["tools"] = *tools;
+  }
+  if (const auto kw = ordered.find("chat_template_kwargs"); kw != ordered.end() && !kw->is_null()) {
+    if (!kw->is_object()) return Bad("chat_template_kwargs", "must be an object");
+    for (const auto& [key, value] : kw->items()) context[key] = value;
+  }
+  context["add_generation_prompt"] = add_generation_prompt;
+  context["bos_token"] = chat.bos_token;
+  context["eos_token"] = chat.eos_token;
+
+  if (chat.chat_template == nullptr) {
+    ApiError e = Bad("", chat.unavailable.empty() ? "this model has no chat template"
+                                                  : chat.unavailable);
+    return e;
+  }
+  absl::StatusOr<std::string> prompt = chat.chat_template->Render(context);
+  if (!prompt.ok()) {
+    // The template's own raise_exception text (e.g. "roles must alternate") is the message.
+    return Bad("messages", "the chat template refused them: " + std::string(prompt.status().message()));
+  }
+  out->generate.set_text(*std::move(prompt));
+  out->generate.set_add_special_tokens(false);
+  return ParseCommon(j, out);
 }
 
 ApiError FromGrpcError(const grpc::Status& s) {
@@ -286,8 +431,75 @@ void CompletionPiece::Append(const v1::GenerateResponse& r) {
   if (!r.finish_reason().empty()) finish_reason = r.finish_reason();
 }
 
+namespace {
+
+json UsageJson(const v1::Usage& usage) {
+  return {{"prompt_tokens", usage.prompt_tokens()},
+          {"completion_tokens", usage.completion_tokens()},
+          {"total_tokens", usage.prompt_tokens() + usage.completion_tokens()}};
+}
+
+// Chat's logprobs object. The API carries token ids, not per-token text: `token` is the id as a
+// decimal string and `bytes` is null.
+json ChatLogprobsJson(const CompletionPiece& piece) {
+  json content = json::array();
+  for (size_t i = 0; i < piece.token_ids.size(); ++i) {
+    json entry = {{"token", std::to_string(piece.token_ids[i])},
+                  {"logprob", nullptr},
+                  {"bytes", nullptr},
+                  {"top_logprobs", json::array()}};
+    if (i < piece.logprobs.size()) {
+      entry["logprob"] = piece.logprobs[i].logprob();
+      for (const v1::TopLogprob& tl : piece.logprobs[i].top()) {
+        entry["top_logprobs"].push_back({{"token", std::to_string(tl.token_id())},
+                                         {"logprob", tl.logprob()},
+                                         {"bytes", nullptr}});
+      }
+    }
+    content.push_back(std::move(entry));
+  }
+  return {{"content", std::move(content)}};
+}
+
+json FinishJson(const CompletionPiece& piece) {
+  return piece.finish_reason.empty() ? json(nullptr) : json(piece.finish_reason);
+}
+
+}  // namespace
+
+std::string ChatChunkJson(const CompletionIdentity& who, const CompletionPiece& piece,
+                          bool logprobs, bool first) {
+  json delta = json::object();
+  if (first) delta["role"] = "assistant";
+  if (!piece.text.empty() || (first && piece.finish_reason.empty())) delta["content"] = piece.text;
+  json choice = {{"index", 0},
+                 {"delta", std::move(delta)},
+                 {"logprobs", logprobs && !piece.token_ids.empty() ? ChatLogprobsJson(piece)
+                                                                   : json(nullptr)},
+                 {"finish_reason", FinishJson(piece)}};
+  json out = {{"id", who.id},
+              {"object", "chat.completion.chunk"},
+              {"created", who.created},
+              {"model", who.model},
+              {"choices", json::array({std::move(choice)})}};
+  return out.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
 std::string CompletionJson(const CompletionIdentity& who, const CompletionPiece& piece,
                            bool logprobs, const v1::Usage* usage) {
+  if (who.chat) {
+    json choice = {{"index", 0},
+                   {"message", {{"role", "assistant"}, {"content", piece.text}}},
+                   {"logprobs", logprobs ? ChatLogprobsJson(piece) : json(nullptr)},
+                   {"finish_reason", FinishJson(piece)}};
+    json out = {{"id", who.id},
+                {"object", "chat.completion"},
+                {"created", who.created},
+                {"model", who.model},
+                {"choices", json::array({std::move(choice)})}};
+    if (usage != nullptr) out["usage"] = UsageJson(*usage);
+    return out.dump(-1, ' ', false, json::error_handler_t::replace);
+  }
   json choice = {
       {"index", 0},
       {"text", piece.text},
@@ -320,24 +532,17 @@ std::string CompletionJson(const CompletionIdentity& who, const CompletionPiece&
               {"created", who.created},
               {"model", who.model},
               {"choices", json::array({std::move(choice)})}};
-  if (usage != nullptr) {
-    out["usage"] = {{"prompt_tokens", usage->prompt_tokens()},
-                    {"completion_tokens", usage->completion_tokens()},
-                    {"total_tokens", usage->prompt_tokens() + usage->completion_tokens()}};
-  }
+  if (usage != nullptr) out["usage"] = UsageJson(*usage);
   return out.dump(-1, ' ', false, json::error_handler_t::replace);
 }
 
 std::string UsageChunkJson(const CompletionIdentity& who, const v1::Usage& usage) {
   json out = {{"id", who.id},
-              {"object", "text_completion"},
+              {"object", who.chat ? "chat.completion.chunk" : "text_completion"},
               {"created", who.created},
               {"model", who.model},
               {"choices", json::array()},
-              {"usage",
-               {{"prompt_tokens", usage.prompt_tokens()},
-                {"completion_tokens", usage.completion_tokens()},
-                {"total_tokens", usage.prompt_tokens() + usage.completion_tokens()}}}};
+              {"usage", UsageJson(usage)}};
   return out.dump(-1, ' ', false, json::error_handler_t::replace);
 }
 
@@ -354,10 +559,11 @@ std::string ModelsJson(const v1::ListModelsResponse& models, int64_t created) {
                                                                   json::error_handler_t::replace);
 }
 
-std::string NewCompletionId() {
+std::string NewCompletionId(bool chat) {
   thread_local std::mt19937_64 rng{std::random_device{}()};
-  char buf[40];
-  std::snprintf(buf, sizeof(buf), "cmpl-%016llx%08llx", static_cast<unsigned long long>(rng()),
+  char buf[48];
+  std::snprintf(buf, sizeof(buf), "%s-%016llx%08llx", chat ? "chatcmpl" : "cmpl",
+                static_cast<unsigned long long>(rng()),
                 static_cast<unsigned long long>(rng() & 0xffffffffULL));
   return buf;
 }

@@ -365,10 +365,13 @@ TEST_F(OpenAiHttpTest, ErrorsUseOpenAiShapeAndStatus) {
   EXPECT_EQ(r.headers["allow"], "POST");
   r = Exchange(http(), Request("GET", "/v2/nothing", ""));
   EXPECT_EQ(r.status, 404);
-  r = Post(http(), "/v1/chat/completions", {{"model", "demo-model"}, {"messages", json::array()}});
-  EXPECT_EQ(r.status, 501);
-  EXPECT_NE(json::parse(r.body)["error"]["message"].get<std::string>().find("/v1/completions"),
-            std::string::npos);
+  // Chat on a model folder without a chat template: 400 saying how to give one.
+  r = Post(http(), "/v1/chat/completions",
+           {{"model", "demo-model"}, {"messages", {{{"role", "user"}, {"content", "hi"}}}}});
+  EXPECT_EQ(r.status, 400);
+  EXPECT_NE(json::parse(r.body)["error"]["message"].get<std::string>().find("--chat-template"),
+            std::string::npos)
+      << r.body;
   // A body over the limit is refused from its Content-Length, before it is read.
   r = Exchange(http(),
                "POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 104857600\r\n\r\n");
@@ -438,6 +441,151 @@ TEST_F(OpenAiHttpTest, ClientDisconnectMidStreamFreesTheKvCache) {
 
 // SIGTERM with a stream in flight: the gateway stops accepting, the stream finishes within the
 // drain grace period, and the process exits cleanly (the gateway stops before the router).
+// /v1/chat/completions with a chat template given on the command line (the demo model has none).
+constexpr char kChatTemplate[] =
+    "{%- if messages[0].role not in ['system', 'user'] %}"
+    "{{ raise_exception('the first message must come from the system or the user') }}"
+    "{% endif -%}\n"
+    "{%- for m in messages %}<|{{ m.role }}|>\n{{ m.content | trim }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}\n";
+// What jinja2 renders for kChatMessages with add_generation_prompt (checked with Python).
+constexpr char kChatPrompt[] = "<|system|>\nBe brief.\n<|user|>\nThe quick brown fox\n<|assistant|>\n";
+
+json ChatMessages() {
+  return json::array({{{"role", "system"}, {"content", "Be brief. "}},
+                      {{"role", "user"}, {"content", {{{"type", "text"}, {"text", kPrompt}}}}}});
+}
+
+class OpenAiChatTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    const auto dir =
+        std::filesystem::temp_directory_path() / ("tandem-chat-" + std::to_string(getpid()));
+    std::filesystem::create_directories(dir);
+    const std::string tmpl = (dir / "chat.jinja").string();
+    FILE* f = std::fopen(tmpl.c_str(), "w");
+    std::fputs(kChatTemplate, f);
+    std::fclose(f);
+    server_ = new TandemProcess(
+        {"serve", "--model", kModel, "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0",
+         "--threads", "1", "--num-kv-blocks", "256", "--drain-grace-s", "5", "--chat-template",
+         tmpl},
+        (dir / "serve.log").string());
+    ready_ = server_->WaitReady();
+  }
+  static void TearDownTestSuite() {
+    delete server_;
+    server_ = nullptr;
+  }
+  void SetUp() override {
+    ASSERT_TRUE(ready_) << "tandem serve did not start; see " << server_->log_path();
+  }
+  static std::string http() { return server_->field("http"); }
+  static std::string grpc() { return server_->field("grpc"); }
+
+  static TandemProcess* server_;
+  static bool ready_;
+};
+
+TandemProcess* OpenAiChatTest::server_ = nullptr;
+bool OpenAiChatTest::ready_ = false;
+
+// The rendered prompt goes to the router as text without added special tokens: the same tokens
+// as a gRPC call with that text.
+TEST_F(OpenAiChatTest, GreedyChatEqualsTheGrpcPathOnTheRenderedPrompt) {
+  v1::GenerateRequest req = GreedyText(12);
+  req.set_text(kChatPrompt);
+  req.set_add_special_tokens(false);
+  const GrpcResult want = GenerateOverGrpc(grpc(), req);
+  ASSERT_TRUE(want.status.ok()) << want.status.error_message();
+  const HttpResponse r = Post(http(), "/v1/chat/completions",
+                              {{"messages", ChatMessages()},
+                               {"max_completion_tokens", 12},
+                               {"temperature", 0},
+                               {"ignore_eos", true}});
+  ASSERT_EQ(r.status, 200) << r.body;
+  const json j = json::parse(r.body);
+  EXPECT_EQ(j["object"], "chat.completion");
+  EXPECT_EQ(j["id"].get<std::string>().rfind("chatcmpl-", 0), 0u);
+  EXPECT_EQ(j["model"], "demo-model");
+  EXPECT_EQ(j["choices"][0]["message"]["role"], "assistant");
+  EXPECT_EQ(j["choices"][0]["message"]["content"], want.text);
+  EXPECT_EQ(j["choices"][0]["finish_reason"], "length");
+  EXPECT_EQ(j["usage"]["completion_tokens"], 12);
+  EXPECT_EQ(j["usage"]["prompt_tokens"], want.usage.prompt_tokens());
+}
+
+TEST_F(OpenAiChatTest, StreamStartsWithTheRoleAndConcatenatesToTheSameAnswer) {
+  const json body = {{"messages", ChatMessages()}, {"max_tokens", 10}, {"temperature", 0},
+                     {"ignore_eos", true},         {"logprobs", true},  {"top_logprobs", 2}};
+  const HttpResponse whole = Post(http(), "/v1/chat/completions", body);
+  ASSERT_EQ(whole.status, 200) << whole.body;
+  const json w = json::parse(whole.body);
+  ASSERT_EQ(w["choices"][0]["logprobs"]["content"].size(), 10u);
+  EXPECT_EQ(w["choices"][0]["logprobs"]["content"][0]["top_logprobs"].size(), 2u);
+
+  json streamed = body;
+  streamed["stream"] = true;
+  streamed["stream_options"] = {{"include_usage", true}};
+  const HttpResponse r = Post(http(), "/v1/chat/completions", streamed);
+  ASSERT_EQ(r.status, 200) << r.body;
+  const std::vector<std::string> events = Events(r.body);
+  ASSERT_GE(events.size(), 3u) << r.body;
+  EXPECT_EQ(events.back(), "[DONE]");
+  std::string text;
+  std::string finish;
+  size_t logprob_entries = 0;
+  int usage_chunks = 0;
+  for (size_t i = 0; i + 1 < events.size(); ++i) {
+    const json j = json::parse(events[i]);
+    EXPECT_EQ(j["object"], "chat.completion.chunk");
+    if (j["choices"].empty()) {
+      ++usage_chunks;
+      EXPECT_EQ(j["usage"]["completion_tokens"], 10);
+      continue;
+    }
+    const json& delta = j["choices"][0]["delta"];
+    EXPECT_EQ(delta.contains("role"), i == 0) << events[i];
+    if (delta.contains("content")) text += delta["content"].get<std::string>();
+    if (j["choices"][0]["logprobs"].is_object()) {
+      logprob_entries += j["choices"][0]["logprobs"]["content"].size();
+    }
+    if (!j["choices"][0]["finish_reason"].is_null()) finish = j["choices"][0]["finish_reason"];
+  }
+  EXPECT_EQ(text, w["choices"][0]["message"]["content"]);
+  EXPECT_EQ(logprob_entries, 10u);
+  EXPECT_EQ(finish, "length");
+  EXPECT_EQ(usage_chunks, 1);
+}
+
+TEST_F(OpenAiChatTest, BadConversationsGet400NamingTheField) {
+  // The template's own raise_exception.
+  HttpResponse r = Post(http(), "/v1/chat/completions",
+                        {{"messages", {{{"role", "assistant"}, {"content", "hi"}}}}});
+  EXPECT_EQ(r.status, 400);
+  EXPECT_EQ(ErrorParam(r), "messages");
+  EXPECT_NE(r.body.find("must come from the system or the user"), std::string::npos) << r.body;
+  r = Post(http(), "/v1/chat/completions", {{"messages", {{{"content", "no role"}}}}});
+  EXPECT_EQ(r.status, 400);
+  EXPECT_EQ(ErrorParam(r), "messages[0].role");
+  r = Post(http(), "/v1/chat/completions",
+           {{"messages", {{{"role", "user"}, {"content", "hi"}}}}, {"tool_choice", "required"}});
+  EXPECT_EQ(r.status, 400);
+  EXPECT_EQ(ErrorParam(r), "tool_choice");
+  r = Post(http(), "/v1/chat/completions",
+           {{"messages", {{{"role", "user"}, {"content", "hi"}}}}, {"top_logprobs", 3}});
+  EXPECT_EQ(r.status, 400);
+  EXPECT_EQ(ErrorParam(r), "top_logprobs");
+  // A range the router checks: its message and field come through.
+  r = Post(http(), "/v1/chat/completions",
+           {{"messages", {{{"role", "user"}, {"content", "hi"}}}}, {"temperature", -1}});
+  EXPECT_EQ(r.status, 400);
+  EXPECT_EQ(ErrorParam(r), "temperature");
+  // Nothing was left behind by any of them.
+  v1::GenerateRequest ok = GreedyText(2);
+  EXPECT_TRUE(GenerateOverGrpc(grpc(), ok).status.ok());
+}
+
 TEST(OpenAiHttpDrainTest, SigtermFinishesTheStreamInFlightThenExits) {
   const auto dir =
       std::filesystem::temp_directory_path() / ("tandem-openai-drain-" + std::to_string(getpid()));
